@@ -1,0 +1,129 @@
+"""The background job runner with real child processes: ordered progress, whole-tree cancel, crash reports."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGMAESlicer"))
+
+from MedGMAESlicerLib.jobs import BackgroundJob, JobState, cli_command, pid_alive, progress_fraction  # noqa: E402
+
+
+def _script(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_progress_lines_arrive_in_order(tmp_path):
+    child = _script(tmp_path, "count.py", """
+        import json, sys, time
+        from medgmae_core.progress import ProgressReporter
+        rep = ProgressReporter("count", total=20, json_lines=True)
+        rep.start()
+        print("plain log line", flush=True)
+        for step in range(1, 21):
+            rep.progress(step, loss=1.0 / step)
+            if step % 10 == 0:
+                rep.checkpoint(step, f"ckpt_{step}.pt")
+            time.sleep(0.01)
+        rep.done(final_loss=0.05)
+    """)
+    fractions, logs, finished = [], [], []
+    job = BackgroundJob([sys.executable, str(child)], name="count",
+                        on_progress=lambda f, rec: fractions.append((f, rec["loss"])),
+                        on_log=logs.append, on_finished=finished.append)
+    job.start()
+    seen = []
+    deadline = time.monotonic() + 30
+    while job.is_running and time.monotonic() < deadline:
+        seen += job.poll()  # the non-blocking polling API a qt.QTimer calls
+        time.sleep(0.02)
+    result = job.result
+    assert result is not None and result.state == JobState.SUCCEEDED, result
+    steps = [e["step"] for e in seen if e["event"] == "progress"]
+    assert steps == list(range(1, 21))
+    assert [e["event"] for e in seen][0] == "start" and seen[-1]["event"] == "done"
+    assert [f for f, _ in fractions] == [s / 20 for s in range(1, 21)]
+    assert fractions[-1][1] == pytest.approx(0.05)
+    assert result.checkpoints() == ["ckpt_10.pt", "ckpt_20.pt"]
+    assert result.outputs()["final_loss"] == pytest.approx(0.05)
+    assert logs == ["plain log line"]
+    assert finished == [result]
+
+
+def test_cancel_kills_whole_tree(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    child = _script(tmp_path, "tree.py", f"""
+        import json, subprocess, sys, time
+        grand = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        # a second grandchild that leaves the process group, as daemons do
+        escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        open({str(pid_file)!r}, "w").write(f"{{grand.pid}} {{escaped.pid}}")
+        print(json.dumps({{"event": "start", "total": 100}}), flush=True)
+        for step in range(1, 1000):
+            print(json.dumps({{"event": "progress", "step": step, "total": 100}}), flush=True)
+            time.sleep(0.05)
+    """)
+    job = BackgroundJob([sys.executable, str(child)], name="tree").start()
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "progress" for e in job.events) and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    grand_pids = [int(p) for p in pid_file.read_text().split()]
+    pids = [job.pid, *grand_pids]
+    assert all(pid_alive(p) for p in pids), "tree not running before cancel"
+    result = job.cancel(grace=2.0)
+    assert result is not None and result.state == JobState.CANCELLED
+    end = time.monotonic() + 5
+    while any(pid_alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert [p for p in pids if pid_alive(p)] == [], "orphans left after cancel"
+
+
+def test_crash_reports_last_error_lines(tmp_path):
+    child = _script(tmp_path, "crash.py", """
+        import json, sys
+        print(json.dumps({"event": "start", "total": 3}), flush=True)
+        print("warming up", file=sys.stderr, flush=True)
+        def load_weights(path):
+            raise RuntimeError(f"checkpoint {path} is truncated")
+        load_weights("/tmp/model.pt")
+    """)
+    result = BackgroundJob([sys.executable, str(child)], name="pretrain").wait_for_completion(timeout=30)
+    assert result.state == JobState.FAILED and result.returncode == 1
+    assert "pretrain failed (exit code 1)" in result.error
+    assert "RuntimeError: checkpoint /tmp/model.pt is truncated" in result.error
+    assert any("load_weights" in line for line in result.stderr_tail)
+
+
+def test_error_event_is_a_failure_even_with_exit_code_zero(tmp_path):
+    child = _script(tmp_path, "err.py", """
+        import json
+        print(json.dumps({"event": "error", "message": "no volumes found in /data"}), flush=True)
+    """)
+    result = BackgroundJob([sys.executable, str(child)], name="finetune").wait_for_completion(timeout=30)
+    assert result.state == JobState.FAILED and "no volumes found in /data" in result.error
+
+
+def test_cli_command_and_fraction():
+    argv = cli_command("pretrain", "--steps", 5, python="/py")
+    assert argv == ["/py", "-u", "-m", "medgmae_core.cli", "pretrain", "--steps", "5", "--progress-json"]
+    assert progress_fraction({"step": 5, "total": 20}) == 0.25
+    assert progress_fraction({"step": 5}) == 0.0
+    with pytest.raises(RuntimeError, match="cannot start"):
+        BackgroundJob(["/nonexistent/python"]).start()
+
+
+def test_real_cli_error_is_reported(tmp_path):
+    """The real ``medgmae`` CLI through the runner: a bad command line is reported with its message."""
+    result = BackgroundJob.cli("no-such-command", python=sys.executable).wait_for_completion(timeout=60)
+    assert result.state == JobState.FAILED and result.returncode == 2
+    assert "invalid choice: 'no-such-command'" in result.error
