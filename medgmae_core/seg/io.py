@@ -1,0 +1,133 @@
+"""Reading CTs and label maps as (array in file voxel order, 4x4 RAS affine in mm); writing NIfTI.
+
+NIfTI goes through nibabel (voxel order and affine exactly as stored). DICOM series folders, NRRD
+and MetaImage go through SimpleITK, whose LPS geometry is converted to RAS; its [z, y, x] array is
+transposed to [x, y, z] so that ``affine @ [i, j, k, 1]`` is the voxel's RAS position, as in NIfTI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """``array`` [X, Y, Z] and its ``affine`` (voxel index -> RAS mm); ``path`` for messages."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def _read_sitk(image) -> tuple[np.ndarray, np.ndarray]:
+    array = np.transpose(__import__("SimpleITK").GetArrayFromImage(image), (2, 1, 0))  # [X, Y, Z]
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)[None, :]
+    affine[:3, 3] = image.GetOrigin()
+    return array, _LPS_TO_RAS @ affine
+
+
+def read_volume(path: str | Path, *, what: str = "image") -> Volume:
+    """A 3D volume from a NIfTI file, a DICOM series folder, or an NRRD/MHA file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    name = path.name.lower()
+    try:
+        if path.is_dir():
+            import SimpleITK as sitk
+
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ValueError(f"{what} folder {path} holds no DICOM series")
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            array, affine = _read_sitk(reader.Execute())
+        elif name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            array, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+        elif name.endswith((".nrrd", ".mha", ".mhd")):
+            import SimpleITK as sitk
+
+            array, affine = _read_sitk(sitk.ReadImage(str(path)))
+        else:
+            raise ValueError(f"{what} {path}: unsupported format (use NIfTI, NRRD, MHA or a DICOM folder)")
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # nibabel / SimpleITK read errors
+        raise ValueError(f"could not read {what} {path}: {exc}") from None
+    array = np.squeeze(array) if array.ndim > 3 else array
+    if array.ndim != 3:
+        raise ValueError(f"{what} {path} must be a 3D volume, got shape {array.shape}")
+    return Volume(array, affine, str(path))
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write ``array`` [X, Y, Z] with ``affine`` as NIfTI (qform and sform set, code 1 = scanner)."""
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def same_grid(a_shape, a_affine, b_shape, b_affine, *, atol_mm: float = 1e-3) -> bool:
+    return tuple(a_shape) == tuple(b_shape) and np.allclose(a_affine, b_affine, atol=atol_mm)
+
+
+def voxel_map(from_affine: np.ndarray, to_affine: np.ndarray) -> np.ndarray:
+    """4x4 taking voxel indices of the ``to`` grid to voxel indices of the ``from`` grid."""
+    return np.linalg.inv(from_affine) @ to_affine
+
+
+def resample_nearest(array: np.ndarray, affine: np.ndarray, out_shape, out_affine: np.ndarray,
+                     *, fill: int = 0) -> np.ndarray:
+    """Nearest-neighbour resampling of a label array onto another grid (exact output shape)."""
+    from scipy import ndimage
+
+    m = voxel_map(affine, out_affine)
+    return ndimage.affine_transform(array, m[:3, :3], m[:3, 3], output_shape=tuple(int(s) for s in out_shape),
+                                    order=0, mode="constant", cval=fill)
+
+
+def reorient_to(array: np.ndarray, affine: np.ndarray, ref_shape, ref_affine: np.ndarray, *,
+                what: str = "volume", ref_what: str = "reference", atol_mm: float = 1e-2) -> np.ndarray:
+    """``array`` on the reference grid when both describe the same voxels up to axis flips or
+    permutations (e.g. a DICOM series and its NIfTI export); a clear error otherwise."""
+    if same_grid(array.shape, affine, ref_shape, ref_affine, atol_mm=atol_mm):
+        return array
+    m = voxel_map(affine, ref_affine)
+    rot, shift = m[:3, :3], m[:3, 3]
+    is_perm = (np.allclose(np.abs(rot).sum(0), 1, atol=1e-4) and np.allclose(np.abs(rot), np.round(np.abs(rot)), atol=1e-4))
+    corners = np.array([[i, j, k] for i in (0, ref_shape[0] - 1) for j in (0, ref_shape[1] - 1)
+                        for k in (0, ref_shape[2] - 1)], dtype=np.float64)
+    mapped = corners @ rot.T + shift
+    inside = mapped.min() > -1e-3 and np.all(mapped.max(0) < np.asarray(array.shape) - 1 + 1e-3)
+    covers = sorted(array.shape) == sorted(ref_shape) and inside
+    if not (is_perm and np.allclose(shift, np.round(shift), atol=1e-3) and covers):
+        raise ValueError(
+            f"{what} and {ref_what} are on different voxel grids: {what} shape {tuple(array.shape)}, spacing "
+            f"{np.round(np.linalg.norm(affine[:3, :3], axis=0), 3).tolist()}, origin {np.round(affine[:3, 3], 2).tolist()}"
+            f"; {ref_what} shape {tuple(ref_shape)}, spacing {np.round(np.linalg.norm(ref_affine[:3, :3], axis=0), 3).tolist()}"
+            f", origin {np.round(ref_affine[:3, 3], 2).tolist()}. Resample one onto the other first.")
+    return resample_nearest(array, affine, ref_shape, ref_affine)
