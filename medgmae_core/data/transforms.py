@@ -1,0 +1,225 @@
+"""MONAI pipelines for pre-training and inference, and the HU window.
+
+Pre-training, in order (MEDGMAE.md "Data"):
+
+1. ``LoadImaged`` + ``EnsureChannelFirstd`` (then a CT sanity check),
+2. ``Orientationd`` to RAS,
+3. ``Spacingd`` to 1.5 mm (configurable),
+4. ``ScaleIntensityRanged`` HU [-175, 250] -> [0, 1], clipped,
+5. ``CropForegroundd`` and ``SpatialPadd`` up to at least the crop size,
+6. ``RandCropByPosNegLabeld``: 96^3 crops centred on foreground 3:1, 3 per case,
+7. ``RandFlipd`` on each axis and ``RandRotate90d``.
+
+Steps 1-5 are deterministic (``preprocess_transforms``, what a cache stores);
+6-7 are random (``augment_transforms``). ``pretrain_transforms`` chains both.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    DeleteItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from monai.data import NibabelReader
+
+from .readers import NIFTI_SUFFIXES, SimpleITKReader, has_suffix
+
+HU_WINDOW: tuple[float, float] = (-175.0, 250.0)
+KEY = "image"
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI deprecation warning
+
+
+class NotCTError(ValueError):
+    """A volume whose intensities do not look like Hounsfield units."""
+
+
+def window_hu(array, window: tuple[float, float] = HU_WINDOW):
+    """Clip HU to ``window`` and rescale to [0, 1] (numpy array or torch tensor, dtype kept if floating)."""
+    lo, hi = float(window[0]), float(window[1])
+    if hi <= lo:
+        raise ValueError(f"HU window must have low < high, got {window}")
+    if isinstance(array, torch.Tensor):
+        x = array if array.is_floating_point() else array.float()
+        return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+    x = np.asarray(array)
+    x = x.astype(np.float32) if not np.issubdtype(x.dtype, np.floating) else x
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def ct_intensity_problem(volume, max_samples: int = 2_000_000) -> str | None:
+    """Why ``volume`` (HU) does not look like a CT, or None if it does.
+
+    A CT has some fat, lung or air (<= -100 HU) and plenty of soft tissue
+    (-200..300 HU); MR, PET, or an already-normalised CT have neither.
+    """
+    x = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    x = x.reshape(-1)
+    if x.size > max_samples:
+        x = x[:: x.size // max_samples + 1]
+    x = x.astype(np.float32, copy=False)
+    if x.size == 0:
+        return "empty volume"
+    if not np.isfinite(x).all():
+        return "non-finite voxel values"
+    low = float(np.mean(x <= -100.0))
+    soft = float(np.mean((x >= -200.0) & (x <= 300.0)))
+    lo, hi = float(x.min()), float(x.max())
+    if low < 0.005 or soft < 0.05:
+        return (f"intensities do not look like CT Hounsfield units (range {lo:.4g}..{hi:.4g}; "
+                f"{100 * low:.1f}% <= -100 HU, {100 * soft:.1f}% soft tissue)")
+    return None
+
+
+class LoadCTd(LoadImaged):
+    """``LoadImaged`` choosing the reader by path: nibabel for NIfTI, SimpleITK for NRRD/MHA/DICOM folders.
+
+    Any read failure becomes one ``ValueError`` naming the file.
+    """
+
+    def __init__(self, keys: str = KEY) -> None:
+        super().__init__(keys=keys, reader=SimpleITKReader(), image_only=True, dtype=np.float32)
+        self._nifti = NibabelReader()
+        self._itk = SimpleITKReader()
+
+    def __call__(self, data, reader=None):
+        path = str(data[self.keys[0]])
+        reader = reader or (self._nifti if has_suffix(path, NIFTI_SUFFIXES) else self._itk)
+        try:
+            return super().__call__(data, reader)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+class EnsureCTd(MapTransform):
+    """Raise ``NotCTError`` naming the file if an image is not a 3D single-channel CT in HU."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = getattr(img, "meta", {}).get("filename_or_obj", key)
+            if img.ndim != 4 or img.shape[0] != 1:
+                raise NotCTError(f"{name}: expected a single-channel 3D volume, got array shape {tuple(img.shape)}")
+            if min(img.shape[1:]) < 2:
+                raise NotCTError(f"{name}: 2D image (shape {tuple(img.shape[1:])}); a 3D CT is needed")
+            problem = ct_intensity_problem(img)
+            if problem:
+                raise NotCTError(f"{name}: {problem}")
+        return d
+
+
+class ForegroundLabeld(MapTransform):
+    """Add ``label_key``: 1 where the (windowed) image is above ``threshold``, the crop sampler's foreground."""
+
+    def __init__(self, keys: str = KEY, label_key: str = "foreground", threshold: float = 0.0) -> None:
+        super().__init__(keys)
+        self.label_key = label_key
+        self.threshold = threshold
+
+    def __call__(self, data):
+        d = dict(data)
+        key = self.first_key(d)
+        d[self.label_key] = (d[key] > self.threshold).to(torch.uint8)
+        return d
+
+
+def _as3(value: float | Sequence[float]) -> tuple:
+    v = tuple(value) if isinstance(value, (list, tuple)) else (value,) * 3
+    if len(v) != 3:
+        raise ValueError(f"expected one value or three, got {value!r}")
+    return v
+
+
+def load_transforms(keys: str = KEY) -> list:
+    """Load (NIfTI via nibabel, NRRD/MHA/DICOM via SimpleITK) as channel-first float32, then check it is CT."""
+    return [
+        LoadCTd(keys=keys),
+        EnsureChannelFirstd(keys=keys),
+        EnsureCTd(keys=keys),
+    ]
+
+
+def preprocess_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: int | Sequence[int] = 96, *,
+                          load: bool = True, window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Compose:
+    """Deterministic steps 1-5: load, RAS, resample, HU window, foreground crop, pad to >= ``roi_size``."""
+    roi = tuple(int(r) for r in _as3(roi_size))
+    steps = load_transforms(keys) if load else [EnsureCTd(keys=keys)]
+    steps += [
+        Orientationd(keys=keys, axcodes="RAS", labels=_RAS_LABELS),
+        Spacingd(keys=keys, pixdim=tuple(float(s) for s in _as3(spacing_mm)), mode="bilinear"),
+        ScaleIntensityRanged(keys=keys, a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key=keys, allow_smaller=True),
+        SpatialPadd(keys=keys, spatial_size=roi, mode="constant"),
+        EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+    ]
+    return Compose(steps)
+
+
+def augment_transforms(roi_size: int | Sequence[int] = 96, *, num_samples: int = 3, pos: float = 3.0,
+                       neg: float = 1.0, flip_prob: float = 0.2, rot90_prob: float = 0.2, keys: str = KEY) -> Compose:
+    """Random steps 6-7: ``num_samples`` foreground-weighted crops (pos:neg), flips on each axis and rot90.
+
+    Foreground is any voxel above the window's bottom (HU > -175): 3 crops in 4
+    are centred on the body, 1 in 4 anywhere else.
+    """
+    roi = tuple(int(r) for r in _as3(roi_size))
+    if num_samples < 1:
+        raise ValueError(f"crops per case must be >= 1, got {num_samples}")
+    return Compose([
+        ForegroundLabeld(keys=keys, label_key="foreground"),
+        RandCropByPosNegLabeld(keys=keys, label_key="foreground", spatial_size=roi, pos=pos, neg=neg,
+                               num_samples=num_samples),
+        DeleteItemsd(keys="foreground"),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+        RandRotate90d(keys=keys, prob=rot90_prob, max_k=3, spatial_axes=(0, 1)),
+    ])
+
+
+def pretrain_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: int | Sequence[int] = 96, *,
+                        num_samples: int = 3, pos: float = 3.0, neg: float = 1.0, load: bool = True,
+                        window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Compose:
+    """The whole pre-training pipeline (steps 1-7): a dict ``{"image": path}`` -> list of crops ``[1, *roi]``."""
+    return Compose([
+        preprocess_transforms(spacing_mm, roi_size, load=load, window=window, keys=keys),
+        augment_transforms(roi_size, num_samples=num_samples, pos=pos, neg=neg, keys=keys),
+    ])
+
+
+def inference_transforms(spacing_mm: float | Sequence[float] | None = 1.5, *, load: bool = True,
+                         window: tuple[float, float] = HU_WINDOW, pad_to: int | Sequence[int] | None = None,
+                         crop_foreground: bool = False, keys: str = KEY) -> Compose:
+    """Deterministic pipeline for the demo, Slicer and reconstruction: load, RAS, resample, window.
+
+    No random crop; the result keeps its MetaTensor affine so it can be
+    inverted (``monai.transforms.Invertd``) back onto the input grid.
+    ``spacing_mm=None`` keeps the input spacing.
+    """
+    steps = load_transforms(keys) if load else [EnsureCTd(keys=keys)]
+    steps.append(Orientationd(keys=keys, axcodes="RAS", labels=_RAS_LABELS))
+    if spacing_mm is not None:
+        steps.append(Spacingd(keys=keys, pixdim=tuple(float(s) for s in _as3(spacing_mm)), mode="bilinear"))
+    steps.append(ScaleIntensityRanged(keys=keys, a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True))
+    if crop_foreground:
+        steps.append(CropForegroundd(keys=keys, source_key=keys, allow_smaller=True))
+    if pad_to is not None:
+        steps.append(SpatialPadd(keys=keys, spatial_size=_as3(pad_to), mode="constant"))
+    steps.append(EnsureTyped(keys=keys, dtype=torch.float32))
+    return Compose(steps)
