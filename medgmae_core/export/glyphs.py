@@ -1,0 +1,157 @@
+"""Ellipsoid glyphs for Gaussians: a low-resolution sphere mapped through each Gaussian's axes matrix.
+
+Reference (``method="vtk"``): the Gaussians go into a point ``vtkPolyData`` whose 9-component tensor array holds
+each Gaussian's axes matrix (columns = axes, e.g. ``spatial.gaussians_to_world``'s ``A diag(N-1) R diag(s)``);
+``vtkTensorGlyph`` with ``ExtractEigenvaluesOff`` maps the unit ``vtkSphereSource`` through exactly that matrix,
+so the glyph is the ``sigma``-sigma ellipsoid ``{mu + sigma * axes @ u : |u| = 1}``.
+Fast path (``method="numpy"``, default): the same vertices, normals and triangles computed with one einsum over
+the template sphere and handed to VTK through ``vtk.util.numpy_support`` (20k glyphs: ~0.15 s vs ~0.7 s).
+No Python loop over Gaussians in either. VTK is imported lazily (the Slicer module and the demo share this code).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SCALAR_NAME = "intensity"
+
+
+def _vtk():
+    try:
+        import vtk  # noqa: F401
+        from vtk.util import numpy_support
+    except ImportError as exc:  # pragma: no cover - vtk comes with slicer-core
+        raise ImportError("glyphs need VTK: pip install 'medgmae-core[slicer]' (slicer-core brings vtk)") from exc
+    return vtk, numpy_support
+
+
+def sphere_source(resolution: int = 8):
+    """A unit sphere with ``resolution`` theta and phi divisions (8 -> 50 points, 96 triangles)."""
+    vtk, _ = _vtk()
+    if int(resolution) < 3:
+        raise ValueError(f"glyph resolution must be >= 3, got {resolution}")
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(1.0)
+    sphere.SetThetaResolution(int(resolution))
+    sphere.SetPhiResolution(int(resolution))
+    sphere.Update()
+    return sphere
+
+
+def glyph_counts(resolution: int = 8) -> tuple[int, int]:
+    """(points, triangles) of one glyph at ``resolution``."""
+    out = sphere_source(resolution).GetOutput()
+    return out.GetNumberOfPoints(), out.GetNumberOfCells()
+
+
+def gaussian_glyph_polydata(centres_ras, axes_ras, scalars=None, *, sigma: float = 2.0, resolution: int = 8,
+                            threshold: float | None = None, scalar_name: str = SCALAR_NAME, method: str = "numpy"):
+    """Ellipsoid glyph ``vtkPolyData`` for ``n`` Gaussians.
+
+    centres_ras ``[n, 3]``, axes_ras ``[n, 3, 3]`` (columns = 1-sigma axes, any orthogonality), scalars ``[n]``
+    (intensity; copied to every vertex of the glyph as the point array ``scalar_name``). ``sigma`` scales the
+    ellipsoids (1, 2 or 3 sigma), ``threshold`` keeps only Gaussians with ``scalars >= threshold``.
+    ``method="numpy"`` (default) builds the same triangles as ``method="vtk"`` (``vtkTensorGlyph``, the
+    reference) directly from the template sphere, about 2x faster.
+    """
+    vtk, ns = _vtk()
+    centres = np.asarray(centres_ras, dtype=np.float64)
+    axes = np.asarray(axes_ras, dtype=np.float64)
+    if centres.ndim != 2 or centres.shape[1] != 3:
+        raise ValueError(f"centres_ras must have shape [n, 3], got {centres.shape}")
+    if axes.shape != (len(centres), 3, 3):
+        raise ValueError(f"axes_ras must have shape [n, 3, 3] with n={len(centres)}, got {axes.shape}")
+    values = np.ones(len(centres)) if scalars is None else np.asarray(scalars, dtype=np.float64).reshape(-1)
+    if values.shape != (len(centres),):
+        raise ValueError(f"scalars must have {len(centres)} values, got {values.shape}")
+    if not (sigma > 0):
+        raise ValueError(f"glyph sigma must be positive, got {sigma}")
+    if threshold is not None:
+        keep = values >= float(threshold)
+        centres, axes, values = centres[keep], axes[keep], values[keep]
+
+    if method == "numpy":
+        return _glyphs_numpy(centres, axes, values, sigma, resolution, scalar_name)
+    if method == "vtk":
+        return _glyphs_vtk(centres, axes, values, sigma, resolution, scalar_name)
+    raise ValueError(f"glyph method must be 'numpy' or 'vtk', got {method!r}")
+
+
+def _glyphs_numpy(centres, axes, values, sigma, resolution, scalar_name):
+    """Fast path: every glyph's vertices as one einsum over the template sphere; cells by index offsets."""
+    vtk, ns = _vtk()
+    template = sphere_source(resolution).GetOutput()
+    unit = ns.vtk_to_numpy(template.GetPoints().GetData()).astype(np.float64)  # [m, 3]
+    unit_normals = ns.vtk_to_numpy(template.GetPointData().GetNormals()).astype(np.float64)  # [m, 3]
+    tris = ns.vtk_to_numpy(template.GetPolys().GetConnectivityArray()).reshape(-1, 3)  # [t, 3]
+    n, m = len(centres), len(unit)
+    verts = centres[:, None, :] + unit @ (sigma * axes).transpose(0, 2, 1)  # [n, m, 3]: axes @ u per vertex
+    # normals transform with the inverse transpose of the axes matrix: (A^-T n)^T = n^T A^-1
+    normals = unit_normals @ np.linalg.inv(axes) if n else np.zeros((0, m, 3))  # [n, m, 3]
+    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
+    if n:  # like vtkTensorGlyph: a reflecting axes matrix flips the winding, so flip the normals with it
+        normals *= np.sign(np.linalg.det(axes))[:, None, None]
+    conn = (tris[None] + (m * np.arange(n, dtype=np.int64))[:, None, None]).reshape(-1)
+    offsets = np.arange(0, len(conn) + 1, 3, dtype=np.int64)
+
+    points = vtk.vtkPoints()
+    points.SetData(ns.numpy_to_vtk(verts.reshape(-1, 3).astype(np.float32), deep=True))
+    cells = vtk.vtkCellArray()
+    cells.SetData(ns.numpy_to_vtkIdTypeArray(offsets, deep=True), ns.numpy_to_vtkIdTypeArray(conn, deep=True))
+    out = vtk.vtkPolyData()
+    out.SetPoints(points)
+    out.SetPolys(cells)
+    normal_array = ns.numpy_to_vtk(normals.reshape(-1, 3).astype(np.float32), deep=True)
+    normal_array.SetName("Normals")
+    out.GetPointData().SetNormals(normal_array)
+    scalar_array = ns.numpy_to_vtk(np.repeat(values.astype(np.float32), m), deep=True)
+    scalar_array.SetName(scalar_name)
+    out.GetPointData().SetScalars(scalar_array)
+    return out
+
+
+def _glyphs_vtk(centres, axes, values, sigma, resolution, scalar_name):
+    """Reference path: ``vtkTensorGlyph`` with ``ExtractEigenvaluesOff`` (about 2x slower than numpy)."""
+    vtk, ns = _vtk()
+    points = vtk.vtkPoints()
+    points.SetData(ns.numpy_to_vtk(np.ascontiguousarray(centres), deep=True))
+    cloud = vtk.vtkPolyData()
+    cloud.SetPoints(points)
+    # vtkTensorGlyph reads a tuple as column-major: tuple[3 j + i] = axes[i, j].
+    tensors = ns.numpy_to_vtk(np.ascontiguousarray(axes.transpose(0, 2, 1).reshape(-1, 9)), deep=True)
+    tensors.SetName("axes")
+    cloud.GetPointData().SetTensors(tensors)
+    scalar_array = ns.numpy_to_vtk(np.ascontiguousarray(values, dtype=np.float32), deep=True)
+    scalar_array.SetName(scalar_name)
+    cloud.GetPointData().SetScalars(scalar_array)
+
+    glyph = vtk.vtkTensorGlyph()
+    glyph.SetInputData(cloud)
+    glyph.SetSourceData(sphere_source(resolution).GetOutput())  # data is ref-counted; a port is not
+    glyph.ExtractEigenvaluesOff()  # use the columns as the axes
+    glyph.ThreeGlyphsOff()
+    glyph.SymmetricOff()
+    glyph.ClampScalingOff()
+    glyph.ScalingOn()
+    glyph.SetScaleFactor(float(sigma))
+    glyph.ColorGlyphsOn()
+    glyph.SetColorModeToScalars()
+    glyph.Update()
+    out = vtk.vtkPolyData()
+    out.ShallowCopy(glyph.GetOutput())
+    out_scalars = out.GetPointData().GetScalars()
+    if out_scalars is not None:
+        out_scalars.SetName(scalar_name)
+    return out
+
+
+def glyph_vertices(polydata, resolution: int = 8) -> np.ndarray:
+    """``[n, points_per_glyph, 3]`` vertex coordinates of a glyph polydata (glyphs are emitted in order)."""
+    _, ns = _vtk()
+    per = glyph_counts(resolution)[0]
+    pts = ns.vtk_to_numpy(polydata.GetPoints().GetData()) if polydata.GetNumberOfPoints() else np.zeros((0, 3))
+    if len(pts) % per:
+        raise ValueError(f"polydata has {len(pts)} points, not a multiple of {per} per glyph")
+    return pts.reshape(-1, per, 3)
+
+
+__all__ = ["gaussian_glyph_polydata", "glyph_counts", "glyph_vertices", "sphere_source", "SCALAR_NAME"]
