@@ -1,0 +1,488 @@
+"""3DGR-CT: fit 3D Gaussians to measured X-ray projections.
+
+Parameterisation (one set, batch 1, in volume-normalised coordinates):
+
+* centre ``mu`` in ``[0, 1]^3`` stored directly and clamped to the cube after
+  every step;
+* scale ``s = exp(raw_scale)`` (normalised units, per Gaussian axis);
+* intensity ``I = sigmoid(raw_intensity) * max_intensity`` in the
+  reconstruction's units (attenuation in 1/mm for simulated scans), rendered
+  with the paper convention (amplitude c = 1), so ``render_volume`` gives the
+  reconstructed volume and ``project_gaussians`` its line integrals;
+* rotation ``q = raw_q / |raw_q|`` (w, x, y, z).
+
+Loss: ``mean((P(g) - m)^2) / mean(m^2)`` over the measured projections ``m``
+(a scale-free MSE, so the densification threshold does not depend on the data
+units), plus an optional total variation ``tv_weight * TV`` of a random
+sub-volume rendered with ``render_volume`` (TV divided by ``max_intensity``).
+
+Optimiser: Adam with one group per parameter: xyz 2e-3 decaying exponentially
+to 2e-6 over the run, intensity 0.05, scale 5e-3, rotation 1e-3 (3DGR-CT).
+
+Densify and prune every ``densify_every`` iterations (between
+``densify_from`` and ``densify_until``): the mean position-gradient norm of
+each Gaussian since the last round decides; above ``grad_threshold`` a
+Gaussian is cloned when small (largest scale <= ``split_scale_voxels``) or
+split in two when large (children drawn from the parent, scales / 1.6). A
+clone and its parent each keep half the intensity (the volume is unchanged); a
+split's children carry half the parent's mass each (intensity x 1.6^3 / 2,
+capped below ``max_intensity``). The growth per round is capped at
+``max_growth`` of the current count and the total at ``max_gaussians``
+(largest gradients first). Pruned: intensity below ``prune_intensity`` x
+``max_intensity`` or largest scale below ``prune_scale_voxels``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from ..gaussians import GaussianSet
+from .metrics import data_range_of, psnr, ssim
+
+SPLIT_SCALE_FACTOR = 1.6
+CHECKPOINT_FORMAT = "medgmae-recon-checkpoint/1"
+PSNR_TARGETS = (30.0, 35.0)
+
+
+@dataclass
+class FitConfig:
+    """Hyper-parameters of the 3DGR-CT loop (defaults follow 3DGR-CT where it states them)."""
+
+    iters: int = 1000
+    lr_xyz: float = 2e-3
+    lr_xyz_final: float = 2e-6
+    lr_intensity: float = 0.05
+    lr_scale: float = 5e-3
+    lr_rotation: float = 1e-3
+    views_per_iter: int | None = None      # random subset of views per iteration; None = all
+    densify_every: int = 100
+    densify_from: int = 100
+    densify_until: int | None = None       # None = 80% of iters
+    grad_threshold: float = 2e-4           # mean |d loss / d mu| (normalised units) to densify
+    split_scale_voxels: float = 1.5        # larger Gaussians are split, smaller cloned
+    max_growth: float = 0.5                # at most this fraction added per round
+    max_gaussians: int = 300_000
+    prune_intensity: float = 1e-3          # relative to max_intensity
+    prune_scale_voxels: float = 0.05
+    tv_weight: float = 0.0
+    tv_size: int = 16                      # edge of the TV sub-volume, voxels
+    eval_every: int = 50
+    checkpoint_every: int = 0              # 0 = only at the end
+    seed: int = 0
+
+    def validate(self) -> "FitConfig":
+        if self.iters < 0:
+            raise ValueError(f"iters must be >= 0, got {self.iters}")
+        for name in ("lr_xyz", "lr_xyz_final", "lr_intensity", "lr_scale", "lr_rotation"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.views_per_iter is not None and self.views_per_iter < 1:
+            raise ValueError(f"views_per_iter must be >= 1 or None, got {self.views_per_iter}")
+        if self.densify_every < 1 or self.eval_every < 1:
+            raise ValueError("densify_every and eval_every must be >= 1")
+        if self.max_gaussians < 1:
+            raise ValueError(f"max_gaussians must be >= 1, got {self.max_gaussians}")
+        if self.tv_weight < 0 or self.tv_size < 2:
+            raise ValueError(f"tv_weight must be >= 0 and tv_size >= 2, got {self.tv_weight}, {self.tv_size}")
+        return self
+
+    @property
+    def densify_stop(self) -> int:
+        return int(0.8 * self.iters) if self.densify_until is None else self.densify_until
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ----------------------------------------------------------------- parameters
+class GaussianParams:
+    """The raw, optimised tensors of one Gaussian set (batch 1); see the module doc."""
+
+    NAMES = ("xyz", "raw_scale", "raw_rotation", "raw_intensity")
+
+    def __init__(self, xyz: torch.Tensor, raw_scale: torch.Tensor, raw_rotation: torch.Tensor,
+                 raw_intensity: torch.Tensor, max_intensity: float) -> None:
+        if not max_intensity > 0:
+            raise ValueError(f"max_intensity must be positive, got {max_intensity}")
+        self.xyz = xyz.detach().clone().requires_grad_(True)                      # [k, 3]
+        self.raw_scale = raw_scale.detach().clone().requires_grad_(True)          # [k, 3]
+        self.raw_rotation = raw_rotation.detach().clone().requires_grad_(True)    # [k, 4]
+        self.raw_intensity = raw_intensity.detach().clone().requires_grad_(True)  # [k]
+        self.max_intensity = float(max_intensity)
+
+    @classmethod
+    def from_gaussians(cls, gaussians: GaussianSet, max_intensity: float, eps: float = 1e-4) -> "GaussianParams":
+        """Invert the parameterisation; intensities are clamped into (0, max_intensity)."""
+        if gaussians.batch_size != 1:
+            raise ValueError(f"reconstruction fits one Gaussian set, got batch size {gaussians.batch_size}")
+        g = gaussians.detach()
+        frac = (g.intensities[0] / max_intensity).clamp(eps, 1 - eps)
+        return cls(g.centres[0].clamp(0, 1), g.scales[0].clamp_min(1e-8).log(), g.unit_quaternions()[0],
+                   torch.logit(frac), max_intensity)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in self.NAMES]
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.xyz.shape[0]
+
+    def scales(self) -> torch.Tensor:
+        return self.raw_scale.exp()
+
+    def intensities(self) -> torch.Tensor:
+        return torch.sigmoid(self.raw_intensity) * self.max_intensity
+
+    def gaussians(self) -> GaussianSet:
+        """The differentiable GaussianSet ``[1, k, ...]``."""
+        q = self.raw_rotation / self.raw_rotation.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return GaussianSet(self.xyz[None], self.scales()[None], q[None], self.intensities()[None])
+
+    def state_dict(self) -> dict:
+        return {**{n: t.detach().clone() for n, t in zip(self.NAMES, self.tensors())},
+                "max_intensity": self.max_intensity}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "GaussianParams":
+        return cls(*(state[n] for n in cls.NAMES), state["max_intensity"])
+
+
+def xyz_learning_rate(step: int, total: int, lr0: float, lr1: float) -> float:
+    """Log-linear (exponential) decay from ``lr0`` at step 0 to ``lr1`` at ``total``."""
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    return math.exp((1 - t) * math.log(lr0) + t * math.log(lr1))
+
+
+def build_optimizer(params: GaussianParams, config: FitConfig) -> torch.optim.Adam:
+    groups = [
+        {"params": [params.xyz], "lr": config.lr_xyz, "name": "xyz"},
+        {"params": [params.raw_scale], "lr": config.lr_scale, "name": "scale"},
+        {"params": [params.raw_rotation], "lr": config.lr_rotation, "name": "rotation"},
+        {"params": [params.raw_intensity], "lr": config.lr_intensity, "name": "intensity"},
+    ]
+    return torch.optim.Adam(groups, lr=config.lr_xyz, eps=1e-15)
+
+
+# ------------------------------------------------------- densify and prune
+@dataclass
+class DensifyStats:
+    """Accumulated position-gradient norms since the last densification round."""
+
+    grad_sum: torch.Tensor   # [k]
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, k: int, like: torch.Tensor) -> "DensifyStats":
+        return cls(like.new_zeros(k))
+
+    def accumulate(self, xyz_grad: torch.Tensor) -> None:
+        self.grad_sum += xyz_grad.detach().norm(dim=-1)
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.grad_sum / max(self.count, 1)
+
+
+def _rebuild(params: GaussianParams, optimizer: torch.optim.Adam, new_values: dict[str, torch.Tensor],
+             source: torch.Tensor, fresh: torch.Tensor) -> None:
+    """Replace every parameter by ``new_values`` and carry Adam moments along.
+
+    ``source [k_new]`` indexes the old Gaussian each new one comes from; moments
+    of ``fresh`` Gaussians (clones, split children) start at zero.
+    """
+    for name, group in zip(GaussianParams.NAMES, optimizer.param_groups):
+        old = group["params"][0]
+        new = new_values[name].detach().clone().requires_grad_(True)
+        state = optimizer.state.pop(old, None)
+        if state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = state[key][source].clone()
+                moment[fresh] = 0
+                state[key] = moment
+            optimizer.state[new] = state
+        group["params"][0] = new
+        setattr(params, name, new)
+
+
+def densify_and_prune(params: GaussianParams, optimizer: torch.optim.Adam, stats: DensifyStats,
+                      config: FitConfig, volume_shape: tuple[int, int, int], *, densify: bool = True,
+                      generator: torch.Generator | None = None) -> dict[str, int]:
+    """One densification round (see the module doc). Returns the counts of each operation."""
+    k = params.num_gaussians
+    voxels_per_unit = float(max(volume_shape) - 1)
+    with torch.no_grad():
+        scale_vox = params.scales().max(dim=-1).values * voxels_per_unit  # [k]
+        intens = params.intensities()
+        grad = stats.mean()
+        xyz, raw_scale, raw_rot, raw_int = (t.detach() for t in params.tensors())
+        n_clone = n_split = 0
+        grow = torch.zeros(k, dtype=torch.bool, device=xyz.device)
+        if densify:
+            budget = min(config.max_gaussians - k, int(math.ceil(config.max_growth * k)))
+            cand = torch.nonzero(grad >= config.grad_threshold).flatten()
+            if budget > 0 and cand.numel():
+                cand = cand[grad[cand].argsort(descending=True)[:budget]]
+                grow[cand] = True
+        large = scale_vox > config.split_scale_voxels
+        clone, split = grow & ~large, grow & large
+        n_clone, n_split = int(clone.sum()), int(split.sum())
+
+        # clones: parent and copy share the intensity (the rendered volume is unchanged)
+        half = torch.logit((torch.sigmoid(raw_int) * 0.5).clamp(1e-6, 1 - 1e-6))
+        raw_int_kept = torch.where(clone, half, raw_int)
+        # split: two children sampled from the parent replace it
+        split_idx = torch.nonzero(split).flatten()
+        s = raw_scale[split_idx].exp()
+        rot = GaussianSet(xyz[None, split_idx], s[None], raw_rot[None, split_idx], intens[None, split_idx]).rotations()[0]
+        noise = torch.randn((2,) + s.shape, generator=generator, dtype=s.dtype, device="cpu").to(s.device)
+        child_xyz = (xyz[split_idx][None] + torch.einsum("kij,nkj->nki", rot, noise * s[None])).clamp(0, 1)
+        child_frac = (torch.sigmoid(raw_int[split_idx]) * SPLIT_SCALE_FACTOR ** 3 / 2).clamp(1e-6, 0.95)
+        child = {
+            "xyz": child_xyz.reshape(-1, 3),
+            "raw_scale": (raw_scale[split_idx] - math.log(SPLIT_SCALE_FACTOR)).repeat(2, 1),
+            "raw_rotation": raw_rot[split_idx].repeat(2, 1),
+            "raw_intensity": torch.logit(child_frac).repeat(2),
+        }
+        clone_idx = torch.nonzero(clone).flatten()
+        keep = ~split
+        # prune on the updated intensities (clones halved) and scales
+        kept_int = torch.sigmoid(raw_int_kept) * params.max_intensity
+        dead = (kept_int < config.prune_intensity * params.max_intensity) | (scale_vox < config.prune_scale_voxels)
+        dead &= ~clone  # a Gaussian just cloned is not pruned in the same round
+        if bool((keep & ~dead).sum() + clone_idx.numel() + 2 * split_idx.numel() == 0):
+            dead[:] = False  # never prune everything
+        keep &= ~dead
+        n_pruned = int((~split & dead).sum())
+        keep_idx = torch.nonzero(keep).flatten()
+
+        base = {"xyz": xyz, "raw_scale": raw_scale, "raw_rotation": raw_rot, "raw_intensity": raw_int_kept}
+        new_values = {n: torch.cat([base[n][keep_idx], base[n][clone_idx], child[n]])
+                      for n in GaussianParams.NAMES}
+        source = torch.cat([keep_idx, clone_idx, split_idx.repeat(2)])
+        fresh = torch.cat([torch.zeros_like(keep_idx, dtype=torch.bool),
+                           torch.ones(clone_idx.numel() + 2 * split_idx.numel(), dtype=torch.bool,
+                                      device=xyz.device)])
+    _rebuild(params, optimizer, new_values, source, fresh)
+    stats.grad_sum = xyz.new_zeros(params.num_gaussians)
+    stats.count = 0
+    return {"cloned": n_clone, "split": n_split, "pruned": n_pruned, "num_gaussians": params.num_gaussians}
+
+
+# ------------------------------------------------------------------------ TV
+def subvolume_gaussians(gaussians: GaussianSet, lower: torch.Tensor, extent: float,
+                        cutoff: float = 3.0) -> GaussianSet:
+    """Gaussians re-expressed in the cube ``[lower, lower + extent]`` (the same extent on every axis,
+    so the map is an isotropic scaling and rotations are unchanged); far ones are dropped."""
+    reach = cutoff * gaussians.scales.max(dim=-1).values[0]  # [k]
+    c = gaussians.centres[0]
+    near = ((c >= lower - reach[:, None]) & (c <= lower + extent + reach[:, None])).all(-1)
+    sub = gaussians.select(near)
+    return GaussianSet((sub.centres - lower) / extent, sub.scales / extent, sub.quaternions, sub.intensities)
+
+
+def tv_of_random_subvolume(gaussians: GaussianSet, volume_shape: tuple[int, int, int], size: int,
+                           generator: torch.Generator | None = None, render=None) -> torch.Tensor:
+    """Anisotropic TV (mean absolute neighbour difference) of a random sub-volume of about ``size``^3
+    voxels at the reconstruction's grid spacing."""
+    if render is None:
+        from ..render import render_volume as render
+    n_min = min(volume_shape) - 1
+    extent = min(1.0, (size - 1) / n_min)
+    shape = tuple(max(2, int(round(extent * (n - 1))) + 1) for n in volume_shape)
+    lower = torch.rand(3, generator=generator, dtype=torch.float64) * (1 - extent)
+    lower = lower.to(gaussians.centres)
+    sub = subvolume_gaussians(gaussians, lower, extent)
+    if sub.num_gaussians == 0:
+        return gaussians.centres.sum() * 0
+    vol = render(sub, shape)[0]  # [d, h, w]
+    return (vol.diff(dim=0).abs().mean() + vol.diff(dim=1).abs().mean() + vol.diff(dim=2).abs().mean())
+
+
+# ------------------------------------------------------------------ the loop
+class Projector(Protocol):
+    def __call__(self, gaussians: GaussianSet, views: torch.Tensor | None) -> torch.Tensor:
+        """Line integrals ``[1, V', rows, cols]`` of the selected views (all when ``views`` is None)."""
+
+
+@dataclass
+class FitResult:
+    params: GaussianParams
+    history: list[dict] = field(default_factory=list)   # one entry per evaluation
+    reached: dict[str, dict] = field(default_factory=dict)  # "30" -> {"iteration", "seconds"}
+    iterations: int = 0
+    fit_seconds: float = 0.0
+    densify_log: list[dict] = field(default_factory=list)
+
+    def gaussians(self) -> GaussianSet:
+        return self.params.gaussians().detach()
+
+
+class ReconstructionFit:
+    """The 3DGR-CT optimisation, resumable: ``run()`` continues from wherever it stands."""
+
+    def __init__(self, params: GaussianParams, measured: torch.Tensor, project: Projector,
+                 volume_shape: tuple[int, int, int], config: FitConfig, *,
+                 reference: torch.Tensor | None = None, data_range: float | None = None,
+                 render: Callable | None = None) -> None:
+        self.config = config.validate()
+        self.params = params
+        self.measured = measured if measured.dim() == 4 else measured[None]  # [1, V, rows, cols]
+        self.project = project
+        self.volume_shape = tuple(int(n) for n in volume_shape)
+        self.reference = reference
+        self.data_range = data_range if data_range is not None or reference is None else data_range_of(reference)
+        if render is None:
+            from ..render import render_volume as render
+        self.render = render
+        self.optimizer = build_optimizer(params, config)
+        self.stats = DensifyStats.zeros(params.num_gaussians, params.xyz)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.norm = float((self.measured ** 2).mean().clamp_min(1e-20))
+        self.result = FitResult(params)
+        self.last_loss = float("nan")
+
+    # ------------------------------------------------------------- pieces
+    def sample_views(self) -> torch.Tensor | None:
+        n_views = self.measured.shape[1]
+        v = self.config.views_per_iter
+        if v is None or v >= n_views:
+            return None
+        return torch.randperm(n_views, generator=self.generator)[:v].sort().values
+
+    def loss(self) -> torch.Tensor:
+        views = self.sample_views()
+        g = self.params.gaussians()
+        pred = self.project(g, views)
+        target = self.measured if views is None else self.measured[:, views.to(self.measured.device)]
+        loss = ((pred - target) ** 2).mean() / self.norm
+        if self.config.tv_weight > 0:
+            tv = tv_of_random_subvolume(g, self.volume_shape, self.config.tv_size, self.generator, self.render)
+            loss = loss + self.config.tv_weight * tv / self.params.max_intensity
+        return loss
+
+    def step(self, iteration: int) -> float:
+        """One optimisation step at (0-based) ``iteration``."""
+        cfg = self.config
+        self.optimizer.param_groups[0]["lr"] = xyz_learning_rate(iteration, cfg.iters, cfg.lr_xyz, cfg.lr_xyz_final)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss()
+        loss.backward()
+        if self.params.xyz.grad is not None:
+            self.stats.accumulate(self.params.xyz.grad)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.params.xyz.clamp_(0, 1)
+            self.params.raw_scale.clamp_(max=0.0)  # a scale above the whole volume is never useful
+        done = iteration + 1
+        if (done % cfg.densify_every == 0 and cfg.densify_from <= done <= cfg.densify_stop and done < cfg.iters):
+            counts = densify_and_prune(self.params, self.optimizer, self.stats, cfg, self.volume_shape,
+                                       generator=self.generator)
+            self.result.densify_log.append({"iteration": done, **counts})
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def volume(self) -> torch.Tensor:
+        """The current reconstruction ``[D, H, W]``."""
+        return self.render(self.params.gaussians().detach(), self.volume_shape)[0]
+
+    @torch.no_grad()
+    def evaluate(self, iteration: int) -> dict:
+        entry = {"iteration": iteration, "seconds": round(self.result.fit_seconds, 4),
+                 "loss": self.last_loss, "num_gaussians": self.params.num_gaussians}
+        if self.reference is not None:
+            value = psnr(self.volume(), self.reference, self.data_range)
+            entry["psnr"] = value
+            for target in PSNR_TARGETS:
+                key = f"{target:g}"
+                if key not in self.result.reached and value >= target:
+                    self.result.reached[key] = {"iteration": iteration, "seconds": self.result.fit_seconds}
+        self.result.history.append(entry)
+        return entry
+
+    def final_metrics(self) -> dict:
+        out = {"iterations": self.result.iterations, "fit_seconds": self.result.fit_seconds,
+               "num_gaussians": self.params.num_gaussians}
+        if self.reference is not None:
+            vol = self.volume()
+            out.update(psnr=psnr(vol, self.reference, self.data_range),
+                       ssim=ssim(vol, self.reference, self.data_range), data_range=self.data_range)
+            for target in PSNR_TARGETS:
+                hit = self.result.reached.get(f"{target:g}")
+                out[f"iterations_to_psnr{target:g}"] = hit["iteration"] if hit else None
+                out[f"seconds_to_psnr{target:g}"] = hit["seconds"] if hit else None
+        return out
+
+    # ---------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.result.iterations,
+            "params": self.params.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stats": {"grad_sum": self.stats.grad_sum.clone(), "count": self.stats.count},
+            "generator": self.generator.get_state(),
+            "history": self.result.history,
+            "reached": self.result.reached,
+            "densify_log": self.result.densify_log,
+            "fit_seconds": self.result.fit_seconds,
+            "config": self.config.to_dict(),
+            "volume_shape": list(self.volume_shape),
+        }
+
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{source} is not a reconstruction checkpoint (format {state.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        if list(state["volume_shape"]) != list(self.volume_shape):
+            raise ValueError(f"{source} was written for volume shape {state['volume_shape']}, "
+                             f"this reconstruction has {list(self.volume_shape)}")
+        device = self.params.xyz.device
+        self.params = GaussianParams.from_state_dict({k: (v.to(device) if torch.is_tensor(v) else v)
+                                                      for k, v in state["params"].items()})
+        self.optimizer = build_optimizer(self.params, self.config)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stats = DensifyStats(state["stats"]["grad_sum"].to(device), int(state["stats"]["count"]))
+        self.generator.set_state(state["generator"])
+        self.result = FitResult(self.params, list(state["history"]), dict(state["reached"]),
+                                int(state["iteration"]), float(state["fit_seconds"]), list(state["densify_log"]))
+
+    # ------------------------------------------------------------------ run
+    def run(self, *, on_progress: Callable[[dict], None] | None = None,
+            on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
+        """Iterate up to ``config.iters``; evaluation at 0, every ``eval_every`` and at the end."""
+        cfg = self.config
+        if self.result.iterations == 0 and not self.result.history:
+            entry = self.evaluate(0)
+            if on_progress:
+                on_progress(entry)
+        while self.result.iterations < cfg.iters:
+            it = self.result.iterations
+            t0 = time.perf_counter()
+            self.last_loss = self.step(it)
+            self.result.fit_seconds += time.perf_counter() - t0
+            self.result.iterations = it + 1
+            self.result.params = self.params
+            done = it + 1
+            if done % cfg.eval_every == 0 or done == cfg.iters:
+                entry = self.evaluate(done)
+                if on_progress:
+                    on_progress(entry)
+            if on_checkpoint and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iters:
+                on_checkpoint(done)
+        self.result.params = self.params
+        return self.result
+
+
+__all__ = ["FitConfig", "GaussianParams", "ReconstructionFit", "FitResult", "DensifyStats", "densify_and_prune",
+           "xyz_learning_rate", "build_optimizer", "tv_of_random_subvolume", "subvolume_gaussians",
+           "PSNR_TARGETS", "CHECKPOINT_FORMAT"]
