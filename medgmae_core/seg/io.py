@@ -1,8 +1,7 @@
-"""Reading CTs and label maps as (array in file voxel order, 4x4 RAS affine in mm); writing NIfTI.
+"""Label maps and CTs as (array in file voxel order, 4x4 RAS affine in mm); NIfTI out; grid checks.
 
-NIfTI goes through nibabel (voxel order and affine exactly as stored). DICOM series folders, NRRD
-and MetaImage go through SimpleITK, whose LPS geometry is converted to RAS; its [z, y, x] array is
-transposed to [x, y, z] so that ``affine @ [i, j, k, 1]`` is the voxel's RAS position, as in NIfTI.
+NIfTI goes through nibabel (voxel order and affine exactly as stored); DICOM series folders, NRRD and
+MetaImage through ``data.readers.SimpleITKReader`` (RAS affine, [i, j, k] arrays like NIfTI).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from ..data.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, SimpleITKReader
 
 
 @dataclass
@@ -31,15 +30,6 @@ class Volume:
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
 
 
-def _read_sitk(image) -> tuple[np.ndarray, np.ndarray]:
-    array = np.transpose(__import__("SimpleITK").GetArrayFromImage(image), (2, 1, 0))  # [X, Y, Z]
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)[None, :]
-    affine[:3, 3] = image.GetOrigin()
-    return array, _LPS_TO_RAS @ affine
-
-
 def read_volume(path: str | Path, *, what: str = "image") -> Volume:
     """A 3D volume from a NIfTI file, a DICOM series folder, or an NRRD/MHA file."""
     path = Path(path)
@@ -47,29 +37,21 @@ def read_volume(path: str | Path, *, what: str = "image") -> Volume:
         raise FileNotFoundError(f"{what} not found: {path}")
     name = path.name.lower()
     try:
-        if path.is_dir():
-            import SimpleITK as sitk
-
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise ValueError(f"{what} folder {path} holds no DICOM series")
-            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-            reader.SetFileNames(files)
-            array, affine = _read_sitk(reader.Execute())
-        elif name.endswith((".nii", ".nii.gz")):
+        if name.endswith(NIFTI_SUFFIXES):
             import nibabel as nib
 
             img = nib.load(str(path))
             array, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
-        elif name.endswith((".nrrd", ".mha", ".mhd")):
-            import SimpleITK as sitk
-
-            array, affine = _read_sitk(sitk.ReadImage(str(path)))
+        elif path.is_dir() or name.endswith(ITK_SUFFIXES):
+            reader = SimpleITKReader()
+            array, meta = reader.get_data(reader.read(path))
+            affine = np.asarray(meta["affine"], dtype=np.float64)
         else:
             raise ValueError(f"{what} {path}: unsupported format (use NIfTI, NRRD, MHA or a DICOM folder)")
-    except (ValueError, FileNotFoundError):
-        raise
+    except (ValueError, FileNotFoundError) as exc:
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"could not read {what} {path}: {exc}") from None
     except Exception as exc:  # nibabel / SimpleITK read errors
         raise ValueError(f"could not read {what} {path}: {exc}") from None
     array = np.squeeze(array) if array.ndim > 3 else array
