@@ -1,0 +1,97 @@
+"""Parameters: one field list, a plain dataclass with range checks, scene round trip, and the derived wrapper."""
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGMAESlicer"))
+
+from MedGMAESlicerLib import parameters as P  # noqa: E402
+
+
+def test_defaults_and_validation():
+    p = P.MedGMAEParameters()
+    assert p.maskRatio == 0.75 and p.patchSize == 12 and p.glyphSigma == 2 and p.windowMode == "point"
+    with pytest.raises(ValueError, match="parameter maskRatio: 1.5 is outside"):
+        P.MedGMAEParameters(maskRatio=1.5)
+    with pytest.raises(ValueError, match="parameter device: 'tpu' is not one of"):
+        P.MedGMAEParameters(device="tpu")
+    with pytest.raises(ValueError, match="parameter glyphSigma"):
+        P.MedGMAEParameters(glyphSigma=4)
+    with pytest.raises(ValueError, match="parameter trainSteps: 'many' is not a valid int"):
+        P.MedGMAEParameters(trainSteps="many")
+    assert P.MedGMAEParameters(patchSize="16", trainResume="true").patchSize == 16
+
+
+def test_node_fields_check_class():
+    import slicer
+    scene = slicer.vtkMRMLScene()
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    with pytest.raises(ValueError, match="parameter inputVolume: expected a vtkMRMLScalarVolumeNode"):
+        P.MedGMAEParameters(inputVolume=table)
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")  # a subclass of scalar volume: accepted
+    assert P.MedGMAEParameters(inputVolume=label).inputVolume is label
+
+
+def test_round_trip_through_parameter_node_and_mrb(tmp_path):
+    import slicer
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    point = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "centre")
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedGMAESlicer")
+    p = P.MedGMAEParameters(inputVolume=volume, windowPoint=point, maskRatio=0.6, seed=7, glyphSigma=3,
+                            checkpointPath=Path("/w/ckpt.pt"), trainResume=True, reconInit="fbp")
+    p.write_to_node(node)
+    assert node.GetParameter("maskRatio") == "0.6" and node.GetNodeReferenceID("inputVolume") == volume.GetID()
+    back = P.MedGMAEParameters.read_from_node(node)
+    assert back == p
+    # and through a saved scene
+    path = str(tmp_path / "params.mrml")
+    scene.SetURL(path)
+    assert scene.Commit(path)
+    scene2 = slicer.vtkMRMLScene()
+    scene2.SetURL(path)
+    scene2.Import()
+    node2 = scene2.GetFirstNodeByName("MedGMAESlicer")
+    back2 = P.MedGMAEParameters.read_from_node(node2)
+    assert back2.inputVolume.GetName() == "ct" and back2.windowPoint.GetName() == "centre"
+    assert (back2.maskRatio, back2.seed, back2.glyphSigma, back2.checkpointPath, back2.trainResume, back2.reconInit) == \
+        (0.6, 7, 3, Path("/w/ckpt.pt"), True, "fbp")
+
+
+def test_wrapper_class_is_derived_from_the_same_fields(monkeypatch):
+    """Slicer's decorator reads ``typing.get_type_hints(cls, include_extras=True)`` and class defaults; a fake
+    with the same contract checks what the app would receive."""
+    import slicer
+
+    class WithinRange:
+        def __init__(self, lo, hi):
+            self.minimum, self.maximum = lo, hi
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = choices
+
+    def parameterNodeWrapper(cls):
+        cls.hints = typing.get_type_hints(cls, include_extras=True)
+        return cls
+
+    fake = types.ModuleType("slicer.parameterNodeWrapper")
+    fake.WithinRange, fake.Choice, fake.parameterNodeWrapper = WithinRange, Choice, parameterNodeWrapper
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", fake)
+    cls = P.parameter_node_wrapper_class()
+    assert list(cls.hints) == list(P.field_specs())
+    assert cls.hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode and not hasattr(cls, "inputVolume")
+    ratio_type, ratio_range = typing.get_args(cls.hints["maskRatio"])
+    assert ratio_type is float and (ratio_range.minimum, ratio_range.maximum) == (0.0, 0.95)
+    sigma_type, sigma_choice = typing.get_args(cls.hints["glyphSigma"])
+    assert sigma_type is int and sigma_choice.choices == [1, 2, 3]
+    assert cls.hints["checkpointPath"] is Path and cls.trainSteps == 1000
+    # what the panel reads back from a wrapper instance is validated plain parameters
+    inst = types.SimpleNamespace(**{n: f.default for n, f in P.MedGMAEParameters.__dataclass_fields__.items()})
+    inst.seed = 5
+    assert P.parameters_from_wrapper(inst).seed == 5
