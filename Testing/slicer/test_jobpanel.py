@@ -1,0 +1,99 @@
+"""Apply turns into Cancel and back, the bar follows progress, errors and cancels are shown (fake widgets)."""
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGMAESlicer"))
+
+from MedGMAESlicerLib.jobpanel import JobPanel, format_record  # noqa: E402
+from MedGMAESlicerLib.jobs import BackgroundJob  # noqa: E402
+
+
+class FakeButton:
+    def __init__(self, text):
+        self.text = text
+
+
+class FakeBar:
+    def __init__(self):
+        self.value, self.visible, self.history = 0, False, []
+
+    def setValue(self, v):
+        self.value = v
+        self.history.append(v)
+
+
+class FakeLabel:
+    def __init__(self):
+        self.text = ""
+
+
+def _panel(tmp_path, body, **kw):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(body))
+    button, bar, label = FakeButton("Start training"), FakeBar(), FakeLabel()
+    panel = JobPanel(button, bar, label, lambda: BackgroundJob([sys.executable, str(script)], name="pretrain"),
+                     idle_text="Start training", **kw)
+    return panel, button, bar, label
+
+
+def _pump(panel, seconds=30):
+    end = time.monotonic() + seconds
+    while panel.button_text_is_cancel() and time.monotonic() < end:
+        panel.poll()
+        time.sleep(0.02)
+
+
+def test_success_cycle(tmp_path):
+    panel, button, bar, label = _panel(tmp_path, """
+        import json
+        for s in range(1, 5):
+            print(json.dumps({"event": "progress", "step": s, "total": 4, "loss": 1.0 / s}), flush=True)
+        print(json.dumps({"event": "done", "checkpoint": "final.pt"}), flush=True)
+    """, on_finished=lambda result: f"done: {result.outputs()['checkpoint']}")
+    panel.toggle()
+    assert button.text == "Cancel" and bar.visible
+    _pump(panel)
+    assert button.text == "Start training"
+    assert bar.history == [0, 25, 50, 75, 100, 100]
+    assert bar.value == 100 and label.text == "done: final.pt"
+
+
+def test_cancel_cycle_reports_last_checkpoint(tmp_path):
+    panel, button, bar, label = _panel(tmp_path, """
+        import json, time
+        print(json.dumps({"event": "checkpoint", "step": 10, "path": "step_10.pt"}), flush=True)
+        time.sleep(60)
+    """)
+    panel.toggle()
+    end = time.monotonic() + 20
+    while not panel.job.events and time.monotonic() < end:
+        panel.poll()
+        time.sleep(0.02)
+    assert "step_10.pt" in label.text
+    panel.toggle()  # the Cancel click
+    assert button.text == "Start training" and not panel.running
+    assert label.text == "Cancelled. Last checkpoint: step_10.pt"
+
+
+def test_failure_shows_error_and_start_error_stays_idle(tmp_path):
+    panel, button, bar, label = _panel(tmp_path, """
+        raise SystemExit("no CT volumes in /data")
+    """)
+    panel.toggle()
+    _pump(panel)
+    assert button.text == "Start training" and "no CT volumes in /data" in label.text
+
+    def bad_start():
+        raise FileNotFoundError("training data folder /nope does not exist")
+    idle = JobPanel(FakeButton("Go"), FakeBar(), FakeLabel(), bad_start, idle_text="Go")
+    idle.toggle()
+    assert idle.button.text == "Go" and "does not exist" in idle.status_label.text and idle.job is None
+
+
+def test_format_record():
+    text = format_record({"event": "progress", "step": 40, "total": 200, "loss": 0.012345, "lr": 1e-4, "time": 3.0})
+    assert text == "step 40/200  loss 0.01235  lr 0.0001"
