@@ -244,6 +244,20 @@ def load_projections(path: str | Path, **data_exchange_options) -> ProjectionDat
 
 
 # ------------------------------------------------------------ real scans
+def is_data_exchange(path: str | Path) -> bool:
+    """True for an HDF5 file with ``exchange/data`` (APS data-exchange)."""
+    path = Path(path)
+    if not path.name.lower().endswith(H5_SUFFIXES) or not path.exists():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "exchange" in f and "data" in f["exchange"]
+    except OSError:
+        return False
+
+
 def normalise_counts(data: np.ndarray, white: np.ndarray, dark: np.ndarray) -> np.ndarray:
     """Raw counts ``[V, rows, cols]`` -> line integrals ``-log((I - dark) / (white - dark))``.
 
@@ -489,6 +503,6 @@ def simulate_from_ct(path: str | Path, *, crop: str | None = None, downsample: i
 
 
 __all__ = ["ProjectionData", "FORMAT", "MU_WATER", "save_projections", "load_projections", "load_data_exchange",
-           "normalise_counts", "estimate_rotation_centre", "bin_columns", "simulate_scan", "simulate_from_ct",
+           "normalise_counts", "is_data_exchange", "estimate_rotation_centre", "bin_columns", "simulate_scan", "simulate_from_ct",
            "load_ct_volume", "hu_to_mu", "mu_to_hu", "add_poisson_noise", "geometry_attributes",
            "geometry_from_attributes", "parse_crop", "downsample_volume"]
