@@ -41,13 +41,15 @@ class SkipReport:
     """Inputs that were skipped, by name, with the reason (first reason wins)."""
 
     reasons: dict[str, str] = field(default_factory=dict)
+    verbose: bool = True  # log each new skip as a warning
 
     def add(self, name: str, reason: str) -> bool:
-        """Record a skip; True if ``name`` is new (and was logged)."""
+        """Record a skip; True if ``name`` is new."""
         if name in self.reasons:
             return False
         self.reasons[name] = reason
-        log.warning("skipping %s: %s", name, reason)
+        if self.verbose:
+            log.warning("skipping %s: %s", name, reason)
         return True
 
     def __len__(self) -> int:
