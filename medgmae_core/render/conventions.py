@@ -55,9 +55,11 @@ def check_shape(shape) -> tuple[int, int, int]:
 
 
 def check_cutoff(cutoff: float | None) -> float | None:
-    if cutoff is not None and not (cutoff > 0):
+    if cutoff is None:
+        return None
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not (cutoff > 0):
         raise ValueError(f"cutoff must be a positive number of sigmas or None, got {cutoff!r}")
-    return cutoff
+    return float(cutoff)
 
 
 def check_gaussians(gaussians) -> GaussianSet:

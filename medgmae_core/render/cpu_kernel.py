@@ -12,11 +12,11 @@ so no voxel outside the ellipsoid is evaluated.
   grad*weight (sum g, sum g*d_a, sum g*d_a*d_b) with no atomics. The chain from
   the precision to scales and quaternions stays in torch autograd
   (``NumbaRender`` is an autograd.Function on centres, precision, amplitudes).
-* exp: inside a cut-off of r <= ``FAST_EXP_MAX_RADIUS`` the exponent lies in
-  [-r^2/2, 0] and a degree-5 polynomial of exp(x/32), squared five times, is
-  used (< 1e-6 relative; vectorises, unlike ``math.exp`` without SVML).
-  Otherwise -- larger cut-offs, ``cutoff=None`` and the release box, where the
-  exponent is unbounded -- the exact ``math.exp``.
+* exp: in float32 with a cut-off of r <= ``FAST_EXP_MAX_RADIUS`` the exponent
+  lies in [-r^2/2, 0] and a degree-5 polynomial of exp(x/32), squared five
+  times, is used (< 1e-6 relative; vectorises, unlike ``math.exp`` without
+  SVML). Otherwise -- float64, larger cut-offs, ``cutoff=None`` and the release
+  box, where the exponent is unbounded -- the exact ``math.exp``.
 * Array indices are unsigned so Numba drops its negative-index wraparound
   checks, which would block vectorisation.
 * Works in float32 and float64: constants come in as arrays of the input dtype,
@@ -292,7 +292,7 @@ class _Problem:
         self.shape = shape
         self.dims = np.array(shape, dtype=np.int64)
         self.ellipsoid = math.isfinite(radius)
-        self.fast = self.ellipsoid and radius <= FAST_EXP_MAX_RADIUS
+        self.fast = self.ellipsoid and radius <= FAST_EXP_MAX_RADIUS and np_dtype == np.float32
         self.r2 = np_dtype(radius * radius if self.ellipsoid else 0.0)
         self.np_dtype = np_dtype
         self.consts = np.array([1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 0.0, 0.5, -0.5 / 32], dtype=np_dtype)
