@@ -118,7 +118,7 @@ def axes_to_scales_quaternions(axes: torch.Tensor) -> tuple[torch.Tensor, torch.
     singular values of ``axes``.
     """
     u, sv, _ = torch.linalg.svd(axes)
-    sign = torch.sign(torch.linalg.det(u))
+    sign = torch.sign((torch.linalg.cross(u[..., :, 0], u[..., :, 1], dim=-1) * u[..., :, 2]).sum(-1))  # det(u)
     u = torch.cat([u[..., :2], u[..., 2:] * sign[..., None, None]], dim=-1)
     return sv.clamp_min(torch.finfo(axes.dtype).tiny), rotation_to_quaternion(u)
 

@@ -61,9 +61,9 @@ def test_window_to_volume_matches_render_of_the_cropped_region(offset):
     """Rendering a window's Gaussians on the window grid equals rendering the mapped set on the volume grid."""
     window, volume = (12, 10, 14), (30, 25, 24)
     gs = _small_gaussians(6, seed=1)
-    in_window = render_volume(gs, window, cutoff=None)[0]
+    in_window = render_volume(gs, window, cutoff=None, backend="reference")[0]
     mapped = spatial.window_to_volume(gs, offset, window, volume)
-    in_volume = render_volume(mapped, volume, cutoff=None)[0]
+    in_volume = render_volume(mapped, volume, cutoff=None, backend="reference")[0]
     # the part of the window that lies inside the volume
     lo = [max(0, -o) for o in offset]
     hi = [min(n, N - o) for n, N, o in zip(window, volume, offset)]
