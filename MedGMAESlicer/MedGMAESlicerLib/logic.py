@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .background import BackgroundLogic
 from .parameters import MedGMAEParameters
 
 log = logging.getLogger(__name__)
@@ -152,13 +153,15 @@ class Timings:
         return ", ".join(f"{k} {v:.2f} s" for k, v in self.values.items())
 
 
-class MedGMAELogic:
+class MedGMAELogic(BackgroundLogic):
     """All panel actions. ``scene`` defaults to ``slicer.mrmlScene`` (the app's, or the one a script set)."""
 
     def __init__(self, scene=None, *, log_callback: Callable[[str], None] | None = None) -> None:
         self._scene = scene
         self.log_callback = log_callback or log.info
         self.last_mask: MaskPreview | None = None
+        self.last_prediction: Prediction | None = None
+        self._model = self._model_config = self._model_key = self._model_path = None
 
     @property
     def scene(self):
@@ -195,3 +198,235 @@ class MedGMAELogic:
     def preview_mask_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False) -> MaskPreview:
         return self.preview_mask(params.inputVolume, mask_ratio=params.maskRatio, patch_size=params.patchSize,
                                  seed=params.seed, interactive=interactive)
+
+    # ------------------------------------------------------------------ predict
+    def resolve_device(self, device: str = "auto") -> str:
+        """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error."""
+        import torch
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: CUDA was requested but torch sees no CUDA device; choose 'auto' or 'cpu'")
+        return device
+
+    def load_model(self, checkpoint: str | Path | None, device: str = "auto"):
+        """``(model, config)`` through ``medgmae_core.train.checkpoint.load_model``; cached per file and device."""
+        from medgmae_core.train.checkpoint import load_model
+
+        path = Path(checkpoint) if checkpoint and str(checkpoint) not in ("", ".") else default_checkpoint()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist (choose a .pt file, or leave it empty for "
+                                    "the bundled demo weights)")
+        key = (str(path.resolve()), path.stat().st_mtime, self.resolve_device(device))
+        if self._model_key != key:
+            self._model, self._model_config = load_model(path, device=key[2])
+            self._model_key = key
+            self._model_path = path
+        return self._model, self._model_config
+
+    def predict(self, volume_node, *, checkpoint: str | Path | None = None, mode: str = "point",
+                point_ras=None, mask_ratio: float = 0.0, seed: int = 0, device: str = "auto",
+                glyph: GlyphSettings | None = None, prediction_opacity: float = 0.4,
+                progress: Callable[[float, str], None] | None = None, interactive: bool = False) -> "Prediction":
+        """Predict Gaussians for one model window around ``point_ras`` (``mode="point"``; default: the volume
+        centre) or the whole volume (``mode="whole"``, sliding windows), and show them: glyph model node in RAS,
+        rendered prediction as the foreground layer, a table of the Gaussian parameters."""
+        import torch
+        from medgmae_core import inference, spatial
+        from medgmae_core.data.transforms import HU_WINDOW
+
+        if mode not in ("point", "whole"):
+            raise ValueError(f"window mode must be 'point' or 'whole', got {mode!r}")
+        MedGMAEParameters(maskRatio=mask_ratio, seed=seed, device=device)
+        timings = Timings()
+        report = progress or (lambda fraction, text="": None)
+        with timings("load model"):
+            model, config = self.load_model(checkpoint, device)
+        report(0.05, "preparing CT")
+        with timings("prepare"):
+            prepared = inference.prepare_ct(array_ijk(volume_node), ijk_to_ras(volume_node))
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
+        with timings("predict"):
+            if mode == "point":
+                window = inference.predict_window(model, prepared, centre_ras=point_ras, mask_ratio=mask_ratio,
+                                                  generator=generator)
+                gaussians = window.gaussians
+                with torch.no_grad():
+                    rendered = model.render(window.window_gaussians.to(next(model.parameters()).device))
+                pred = rendered[0, 0].cpu().numpy()
+                pred_affine = spatial.check_affine(prepared.ijk_to_ras) @ _translation(window.offset)
+            else:
+                result = inference.predict_volume(model, prepared, mask_ratio=mask_ratio, stitch=True,
+                                                  generator=generator,
+                                                  progress=lambda done, total: report(0.1 + 0.8 * done / total,
+                                                                                      f"window {done}/{total}"))
+                gaussians, pred, pred_affine = result.gaussians, result.pred.cpu().numpy(), prepared.ijk_to_ras
+        centres_ras, axes_ras = spatial.gaussians_to_world(gaussians, prepared.shape, prepared.ijk_to_ras)
+        intensities = gaussians.intensities.detach().reshape(-1).cpu().double().numpy()
+        prediction = Prediction(volume_node, centres_ras, axes_ras, intensities, mode=mode,
+                                checkpoint=str(self._model_path), timings=timings)
+        lo, hi = HU_WINDOW
+        name = volume_node.GetName()
+        transform_id = volume_node.GetTransformNodeID()
+        old = self.last_prediction if self.last_prediction and self.last_prediction.volume_node is volume_node else None
+        prediction.prediction_node = add_volume(self.scene, lo + pred * (hi - lo), pred_affine,
+                                                f"{name} MedGMAE prediction",
+                                                node=old.prediction_node if old else None,
+                                                parent_transform_id=transform_id)
+        display = prediction.prediction_node.GetDisplayNode()
+        if display is not None:
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevelMinMax(lo, hi)
+        report(0.92, "building glyphs")
+        prediction.glyph = glyph or GlyphSettings()
+        prediction.model_node = old.model_node if old else None
+        with timings("glyphs"):
+            self._update_glyphs(prediction, force=True)
+        prediction.table_node = self._update_table(prediction, old.table_node if old else None)
+        set_slice_layers(self.scene, background=volume_node, foreground=prediction.prediction_node,
+                         foreground_opacity=prediction_opacity)
+        self.last_prediction = prediction
+        report(1.0, "done")
+        self.log_callback(self.status_text())
+        return prediction
+
+    def predict_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False,
+                                progress: Callable[[float, str], None] | None = None) -> "Prediction":
+        point = None
+        if params.windowMode == "point" and params.windowPoint is not None \
+                and params.windowPoint.GetNumberOfControlPoints() > 0:
+            point = [0.0, 0.0, 0.0]
+            params.windowPoint.GetNthControlPointPositionWorld(0, point)
+            if params.inputVolume.GetParentTransformNode() is not None:  # world -> the volume's RAS
+                import vtk
+                to_local = vtk.vtkGeneralTransform()
+                params.inputVolume.GetParentTransformNode().GetTransformFromWorld(to_local)
+                point = list(to_local.TransformPoint(point))
+        return self.predict(params.inputVolume, checkpoint=params.checkpointPath, mode=params.windowMode,
+                            point_ras=point, mask_ratio=params.maskRatio if params.predictFromMasked else 0.0,
+                            seed=params.seed, device=params.device, glyph=GlyphSettings.from_parameters(params),
+                            prediction_opacity=params.predictionOpacity, progress=progress, interactive=interactive)
+
+    # ------------------------------------------------------------------ display
+    def _update_glyphs(self, prediction: "Prediction", force: bool = False) -> None:
+        from medgmae_core.export import glyphs
+
+        s = prediction.glyph
+        key = (s.resolution, s.threshold, s.sigma)
+        if force or key != prediction.glyph_key:
+            t0 = time.perf_counter()
+            poly = glyphs.gaussian_glyph_polydata(prediction.centres_ras, prediction.axes_ras, prediction.intensities,
+                                                  sigma=s.sigma, resolution=s.resolution, threshold=s.threshold)
+            node = prediction.model_node
+            if node is None or node.GetScene() is None:
+                node = self.scene.AddNewNodeByClass("vtkMRMLModelNode", self.scene.GenerateUniqueName(
+                    f"{prediction.volume_node.GetName()} Gaussians"))
+                node.CreateDefaultDisplayNodes()
+                node.SetAndObserveTransformNodeID(prediction.volume_node.GetTransformNodeID())
+                prediction.model_node = node
+            node.SetAndObservePolyData(poly)
+            prediction.glyph_key = key
+            prediction.shown = int(np.sum(prediction.intensities >= s.threshold))
+            prediction.timings.values["glyphs"] = time.perf_counter() - t0
+        display = prediction.model_node.GetDisplayNode()
+        display.SetOpacity(float(s.opacity))
+        display.SetActiveScalarName(glyphs.SCALAR_NAME)
+        display.SetScalarVisibility(True)
+        display.SetScalarRangeFlag(_slicer().vtkMRMLDisplayNode.UseDataScalarRange)
+        color = self.scene.GetNodeByID("vtkMRMLColorTableNodeFileViridis.txt") or \
+            self.scene.GetNodeByID("vtkMRMLColorTableNodeRainbow")
+        if color is not None:
+            display.SetAndObserveColorNodeID(color.GetID())
+        display.SetVisibility2D(True)  # outlines in the slice views
+        display.SetSliceIntersectionThickness(2)
+
+    def update_display(self, *, opacity: float | None = None, resolution: int | None = None,
+                       threshold: float | None = None, sigma: int | None = None,
+                       prediction_opacity: float | None = None) -> None:
+        """Glyph opacity, resolution, intensity threshold, scale (sigma) and the overlay's opacity."""
+        prediction = self.last_prediction
+        if prediction is None:
+            raise ValueError("no prediction to display yet: run Predict first")
+        s = prediction.glyph
+        prediction.glyph = GlyphSettings(
+            opacity=s.opacity if opacity is None else opacity, resolution=s.resolution if resolution is None else resolution,
+            threshold=s.threshold if threshold is None else threshold, sigma=s.sigma if sigma is None else sigma)
+        self._update_glyphs(prediction)
+        if prediction_opacity is not None:
+            set_slice_layers(self.scene, foreground_opacity=prediction_opacity)
+
+    def update_display_from_parameters(self, params: MedGMAEParameters) -> None:
+        g = GlyphSettings.from_parameters(params)
+        self.update_display(opacity=g.opacity, resolution=g.resolution, threshold=g.threshold, sigma=g.sigma,
+                            prediction_opacity=params.predictionOpacity)
+
+    def _update_table(self, prediction: "Prediction", node=None):
+        from medgmae_core import spatial
+
+        scales, quats = spatial.world_axes_to_scales_quaternions(prediction.axes_ras)
+        c = prediction.centres_ras
+        columns = {"index": np.arange(len(c), dtype=np.int32), "R (mm)": c[:, 0], "A (mm)": c[:, 1], "S (mm)": c[:, 2],
+                   "scale 1 (mm)": scales[:, 0], "scale 2 (mm)": scales[:, 1], "scale 3 (mm)": scales[:, 2],
+                   "qw": quats[:, 0], "qx": quats[:, 1], "qy": quats[:, 2], "qz": quats[:, 3],
+                   "intensity": prediction.intensities}
+        if node is None or node.GetScene() is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName(
+                f"{prediction.volume_node.GetName()} Gaussian parameters"))
+        _slicer().util.updateTableFromArray(node, [np.ascontiguousarray(v) for v in columns.values()],
+                                            list(columns))
+        return node
+
+    def status_text(self) -> str:
+        p = self.last_prediction
+        if p is None:
+            return "No prediction yet."
+        where = "one model window" if p.mode == "point" else "the whole volume"
+        return (f"{len(p.intensities)} Gaussians over {where} ({p.shown} shown at intensity >= {p.glyph.threshold:.2f}, "
+                f"{p.glyph.sigma} sigma). Timings: {p.timings.text()}.")
+
+
+def _translation(offset) -> np.ndarray:
+    t = np.eye(4)
+    t[:3, 3] = np.asarray(offset, dtype=np.float64)
+    return t
+
+
+@dataclass
+class GlyphSettings:
+    opacity: float = 0.6
+    resolution: int = 8
+    threshold: float = 0.05
+    sigma: int = 2
+
+    @classmethod
+    def from_parameters(cls, params: MedGMAEParameters) -> "GlyphSettings":
+        return cls(params.glyphOpacity, params.glyphResolution, params.intensityThreshold, params.glyphSigma)
+
+
+@dataclass
+class Prediction:
+    """A prediction shown in the scene: world-space Gaussians and the nodes that show them."""
+    volume_node: object
+    centres_ras: np.ndarray  # [n, 3] mm
+    axes_ras: np.ndarray  # [n, 3, 3] columns = 1-sigma axes in mm
+    intensities: np.ndarray  # [n]
+    mode: str = "point"
+    checkpoint: str = ""
+    timings: Timings = field(default_factory=Timings)
+    glyph: GlyphSettings = field(default_factory=GlyphSettings)
+    glyph_key: tuple | None = None
+    shown: int = 0
+    model_node: object = None
+    prediction_node: object = None
+    table_node: object = None
+
+
+def default_checkpoint() -> Path:
+    """The bundled demo weights (``medgmae_core/weights/``)."""
+    import medgmae_core
+    weights = Path(medgmae_core.__file__).resolve().parent / "weights"
+    found = sorted(weights.glob("*.pt"))
+    if not found:
+        raise FileNotFoundError(f"no bundled demo weights in {weights}; choose a checkpoint file")
+    return found[0]
+

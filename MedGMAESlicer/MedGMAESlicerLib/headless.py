@@ -1,0 +1,166 @@
+"""The module without the Slicer application: a real MRML scene from slicer-core, for batch scripts and tests.
+
+Inside the app everything here defers to it (``slicer.mrmlScene``, ``slicer.util.loadVolume``,
+``slicer.util.saveScene``); under plain Python (``pip install slicer-core``) it builds the scene the way
+trame-slicer does: application logic, colour nodes, volumes logic, optional slice views and an offscreen 3D view.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def in_slicer_app() -> bool:
+    import slicer
+    return hasattr(slicer, "app") and slicer.app is not None
+
+
+@dataclass
+class Session:
+    scene: object
+    app_logic: object = None
+    volumes_logic: object = None
+
+    # -------------------------------------------------------------- volumes
+    def load_volume(self, path: str | Path, name: str | None = None):
+        """A CT file (NIfTI, NRRD, ...) as a ``vtkMRMLScalarVolumeNode``; a clear error when it cannot be read."""
+        import slicer
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"input CT {path} does not exist")
+        if in_slicer_app():
+            return slicer.util.loadVolume(str(path))
+        node = self.volumes_logic.AddArchetypeVolume(str(path), name or _stem(path))
+        if node is None or node.GetImageData() is None:
+            raise ValueError(f"input CT {path}: not a volume slicer-core can read (NIfTI, NRRD, MHA)")
+        return node
+
+    # -------------------------------------------------------------- scene files
+    def save_mrb(self, path: str | Path) -> Path:
+        """Write the scene as a Slicer bundle (.mrb) that the real app opens."""
+        import slicer
+        path = Path(path)
+        if path.suffix.lower() != ".mrb":
+            raise ValueError(f"scene output {path} must end in .mrb")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if in_slicer_app():
+            ok = slicer.util.saveScene(str(path))
+        else:
+            ok = self.scene.WriteToMRB(str(path))
+        if not ok or not path.is_file():
+            raise RuntimeError(f"could not write the scene bundle {path}")
+        return path
+
+    # -------------------------------------------------------------- views
+    def add_slice_views(self) -> list:
+        """Red/Yellow/Green slice and composite nodes (what the app's layout creates), so layers can be set."""
+        import slicer
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(self.scene)
+        composites = []
+        for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+            slice_node = self.scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
+            slice_node.SetLayoutName(name)
+            slice_node.SetOrientation(orientation)
+            composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+            composite.SetLayoutName(name)
+            composites.append(composite)
+        return composites
+
+    def render_3d(self, png: str | Path | None = None, size: tuple[int, int] = (480, 480),
+                  azimuth: float = 30.0, elevation: float = 20.0) -> np.ndarray:
+        """Render the scene's models in a 3D view offscreen (EGL/OSMesa); returns ``[H, W, 3]`` uint8, saves a PNG."""
+        import slicer
+        import vtk
+        from vtk.util import numpy_support
+
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+        view = self.scene.GetFirstNodeByClass("vtkMRMLViewNode") or self.scene.AddNewNodeByClass("vtkMRMLViewNode", "View1")
+        view.SetLayoutName(view.GetLayoutName() or "1")
+        view.SetBoxVisible(False)
+        view.SetAxisLabelsVisible(False)
+        renderer, window = vtk.vtkRenderer(), vtk.vtkRenderWindow()
+        window.SetOffScreenRendering(1)
+        window.AddRenderer(renderer)
+        window.SetSize(*size)
+        interactor = vtk.vtkRenderWindowInteractor()  # displayable managers need one
+        interactor.SetRenderWindow(window)
+        factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
+        factory.SetMRMLApplicationLogic(self.app_logic)
+        for name in ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager", "vtkMRMLModelDisplayableManager"):
+            if not factory.IsDisplayableManagerRegistered(name):
+                factory.RegisterDisplayableManager(name)
+        group = factory.InstantiateDisplayableManagers(renderer)
+        group.SetMRMLDisplayableNode(view)
+        renderer.ResetCamera()
+        camera = renderer.GetActiveCamera()
+        camera.Azimuth(azimuth)
+        camera.Elevation(elevation)
+        renderer.ResetCameraClippingRange()
+        window.Render()
+        grab = vtk.vtkWindowToImageFilter()
+        grab.SetInput(window)
+        grab.ReadFrontBufferOff()
+        grab.Update()
+        image = grab.GetOutput()
+        w, h, _ = image.GetDimensions()
+        rgb = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[::-1, :, :3].copy()
+        if png is not None:
+            writer = vtk.vtkPNGWriter()
+            writer.SetFileName(str(png))
+            writer.SetInputConnection(grab.GetOutputPort())
+            writer.Write()
+        group.SetMRMLDisplayableNode(None)
+        window.Finalize()
+        return rgb
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def create_session(*, set_global: bool = True) -> Session:
+    """The app's scene inside Slicer; else a new slicer-core scene with colour and volume logic."""
+    import slicer
+    if in_slicer_app():
+        return Session(slicer.mrmlScene, slicer.app.applicationLogic(), slicer.modules.volumes.logic())
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)  # adds the default colour tables
+    app_logic.SetModuleLogic("Colors", app_logic.GetColorLogic())
+    volumes_logic = slicer.vtkSlicerVolumesLogic()
+    volumes_logic.SetMRMLScene(scene)
+    volumes_logic.SetMRMLApplicationLogic(app_logic)
+    app_logic.SetModuleLogic("Volumes", volumes_logic)
+    if set_global:
+        slicer.mrmlScene = scene  # slicer.util helpers use it
+    return Session(scene, app_logic, volumes_logic)
+
+
+def load_mrb(path: str | Path):
+    """Read a .mrb into a new scene (unzip + ``vtkMRMLScene.Import``); returns the scene."""
+    import slicer
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene bundle {path} does not exist")
+    folder = Path(tempfile.mkdtemp(prefix="medgmae_mrb_"))
+    with zipfile.ZipFile(path) as bundle:
+        bundle.extractall(folder)
+    mrml = sorted(folder.rglob("*.mrml"))
+    if not mrml:
+        raise ValueError(f"{path} is not a Slicer scene bundle (no .mrml inside)")
+    session = create_session(set_global=False)
+    session.scene.SetURL(str(mrml[0]))
+    session.scene.SetRootDirectory(str(mrml[0].parent))
+    if not session.scene.Import():
+        raise ValueError(f"{path}: the scene inside could not be read")
+    return session.scene
