@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .readers import VOLUME_SUFFIXES, dicom_series_files, has_suffix, read_header
-from .transforms import KEY, augment_transforms, preprocess_transforms
+from .transforms import KEY, augment_transforms, preprocess_transforms, root_exception
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,12 @@ def parse_phantom_spec(spec: str) -> int | None:
     return None
 
 
+def error_message(exc: BaseException) -> str:
+    """The message of the exception MONAI's "applying transform ..." wrappers were raised from."""
+    exc = root_exception(exc)
+    return str(exc) or type(exc).__name__
+
+
 class _Guarded:
     """Turn a transform's exception into ``{"error": message}`` (so a CacheDataset survives bad files)."""
 
@@ -176,7 +182,7 @@ class _Guarded:
         try:
             return self.transform(data)
         except Exception as exc:  # reported and skipped by the caller
-            return {"error": str(exc), "name": data.get("name")}
+            return {"error": error_message(exc), "name": data.get("name")}
 
 
 def derive_seed(*values: int) -> int:
@@ -244,7 +250,7 @@ class PretrainCrops(torch.utils.data.Dataset):
             except Exception as exc:
                 self._bad.add(idx)
                 name = self.cases[idx]["name"]
-                skipped.append((name, str(exc).removeprefix(f"{name}: ")))
+                skipped.append((name, error_message(exc).removeprefix(f"{name}: ")))
         detail = "; ".join(f"{n}: {r}" for n, r in skipped)
         raise RuntimeError(f"none of the {n} input volumes could be loaded ({detail})")
 

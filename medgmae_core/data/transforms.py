@@ -49,6 +49,30 @@ class NotCTError(ValueError):
     """A volume whose intensities do not look like Hounsfield units."""
 
 
+def root_exception(exc: BaseException) -> BaseException:
+    """The exception MONAI's "applying transform ..." RuntimeErrors were raised from."""
+    while exc.__cause__ is not None and str(exc).startswith("applying transform"):
+        exc = exc.__cause__
+    return exc
+
+
+class Pipeline(Compose):
+    """``Compose`` that raises our own ``ValueError`` (naming the file) instead of MONAI's wrapper,
+    and does not log input statistics on failure."""
+
+    def __init__(self, transforms, **kwargs) -> None:
+        super().__init__(transforms, log_stats=False, **kwargs)
+
+    def __call__(self, data, *args, **kwargs):
+        try:
+            return super().__call__(data, *args, **kwargs)
+        except RuntimeError as exc:
+            root = root_exception(exc)
+            if root is not exc and isinstance(root, ValueError):
+                raise root from None
+            raise
+
+
 def window_hu(array, window: tuple[float, float] = HU_WINDOW):
     """Clip HU to ``window`` and rescale to [0, 1] (numpy array or torch tensor, dtype kept if floating)."""
     lo, hi = float(window[0]), float(window[1])
@@ -156,7 +180,7 @@ def load_transforms(keys: str = KEY) -> list:
 
 
 def preprocess_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: int | Sequence[int] = 96, *,
-                          load: bool = True, window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Compose:
+                          load: bool = True, window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Pipeline:
     """Deterministic steps 1-5: load, RAS, resample, HU window, foreground crop, pad to >= ``roi_size``."""
     roi = tuple(int(r) for r in _as3(roi_size))
     steps = load_transforms(keys) if load else [EnsureCTd(keys=keys)]
@@ -168,11 +192,11 @@ def preprocess_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: i
         SpatialPadd(keys=keys, spatial_size=roi, mode="constant"),
         EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
     ]
-    return Compose(steps)
+    return Pipeline(steps)
 
 
 def augment_transforms(roi_size: int | Sequence[int] = 96, *, num_samples: int = 3, pos: float = 3.0,
-                       neg: float = 1.0, flip_prob: float = 0.2, rot90_prob: float = 0.2, keys: str = KEY) -> Compose:
+                       neg: float = 1.0, flip_prob: float = 0.2, rot90_prob: float = 0.2, keys: str = KEY) -> Pipeline:
     """Random steps 6-7: ``num_samples`` foreground-weighted crops (pos:neg), flips on each axis and rot90.
 
     Foreground is any voxel above the window's bottom (HU > -175): 3 crops in 4
@@ -181,7 +205,7 @@ def augment_transforms(roi_size: int | Sequence[int] = 96, *, num_samples: int =
     roi = tuple(int(r) for r in _as3(roi_size))
     if num_samples < 1:
         raise ValueError(f"crops per case must be >= 1, got {num_samples}")
-    return Compose([
+    return Pipeline([
         ForegroundLabeld(keys=keys, label_key="foreground"),
         RandCropByPosNegLabeld(keys=keys, label_key="foreground", spatial_size=roi, pos=pos, neg=neg,
                                num_samples=num_samples),
@@ -195,9 +219,9 @@ def augment_transforms(roi_size: int | Sequence[int] = 96, *, num_samples: int =
 
 def pretrain_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: int | Sequence[int] = 96, *,
                         num_samples: int = 3, pos: float = 3.0, neg: float = 1.0, load: bool = True,
-                        window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Compose:
+                        window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Pipeline:
     """The whole pre-training pipeline (steps 1-7): a dict ``{"image": path}`` -> list of crops ``[1, *roi]``."""
-    return Compose([
+    return Pipeline([
         preprocess_transforms(spacing_mm, roi_size, load=load, window=window, keys=keys),
         augment_transforms(roi_size, num_samples=num_samples, pos=pos, neg=neg, keys=keys),
     ])
@@ -205,7 +229,7 @@ def pretrain_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: int
 
 def inference_transforms(spacing_mm: float | Sequence[float] | None = 1.5, *, load: bool = True,
                          window: tuple[float, float] = HU_WINDOW, pad_to: int | Sequence[int] | None = None,
-                         crop_foreground: bool = False, keys: str = KEY) -> Compose:
+                         crop_foreground: bool = False, keys: str = KEY) -> Pipeline:
     """Deterministic pipeline for the demo, Slicer and reconstruction: load, RAS, resample, window.
 
     No random crop; the result keeps its MetaTensor affine so it can be
@@ -222,4 +246,4 @@ def inference_transforms(spacing_mm: float | Sequence[float] | None = 1.5, *, lo
     if pad_to is not None:
         steps.append(SpatialPadd(keys=keys, spatial_size=_as3(pad_to), mode="constant"))
     steps.append(EnsureTyped(keys=keys, dtype=torch.float32))
-    return Compose(steps)
+    return Pipeline(steps)
