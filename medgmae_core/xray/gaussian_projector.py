@@ -1,0 +1,409 @@
+"""Analytic X-ray projection of 3D Gaussians (the R2-Gaussian splat).
+
+The line integral of ``I exp(-1/2 d^T Sigma^-1 d)`` along a ray is a 2D
+Gaussian on the detector, ``A exp(-1/2 e^T Sigma2^-1 e)``, with
+``Sigma2 = J Sigma J^T`` and ``A = I sqrt(2 pi det(Sigma) det(J J^T) / det(Sigma2))``,
+where ``J`` (2x3) maps a displacement at the Gaussian centre to detector mm:
+the fixed projection ``(e_u, e_v)`` for parallel beam (exact), the perspective
+Jacobian at the centre for cone beam (local-affine approximation).
+Everything is in mm, so the result is the line integral (mm) of
+``render_volume(..., convention="paper")``'s intensity: ``project_gaussians(g, geom)``
+~= ``project_volume(render_volume(g, shape), geom)``.
+
+Stage 1 (torch, differentiable, shared by every backend): per (Gaussian, view)
+six splat parameters in detector pixel units, ``[B, C, k, 6]`` =
+(col, row, p_cc, p_cr, p_rr, amplitude), ``p`` the 2x2 precision.
+Stage 2 (backends) splats them where the 2D Mahalanobis distance <= ``cutoff``:
+
+* ``reference``: dense over all pixels, chunked; slow and obviously right.
+* ``numba`` (CPU): Gaussian-centric; each detector row of the ellipse is solved
+  analytically and exp is a recurrence along the row. The backward accumulates
+  six moments per (Gaussian, view), each owned by one thread (no atomics).
+* ``torch``: Gaussian-centric patches bucketed by footprint size, added with
+  ``index_add``; device-agnostic (the CUDA path).
+
+Views are processed in chunks; with gradients, each chunk is recomputed in the
+backward pass (checkpointing) so memory stays bounded at any k.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..gaussians import GaussianSet, GaussianValidationError
+from ..numba_support import fast_exp, get_num_threads, njit, numba_available, numba_unavailable_reason, prange
+from .geometry import ConeBeam, check_geometry
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "numba", "torch", "reference")
+SPLAT_PARAMS = 6  # col, row, p_cc, p_cr, p_rr, amplitude
+DEFAULT_CHUNK_MB = 256.0
+_BYTES_PER_PAIR = 4 * 64  # rough autograd footprint of stage 1 per (Gaussian, view) in float32
+
+
+# ----------------------------------------------------------------- stage 1
+def gaussians_mm(gaussians: GaussianSet, geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centres ``[B, k, 3]`` (mm), covariances ``[B, k, 3, 3]`` (mm^2) and ``det Sigma`` ``[B, k]``."""
+    extent = geometry.extent_tensor(gaussians.dtype, gaussians.device)  # [3]
+    means = (gaussians.centres - 0.5) * extent
+    cov = gaussians.covariances() * (extent[:, None] * extent[None, :])
+    det3 = (gaussians.scales * extent).prod(-1).square()
+    return means, cov, det3
+
+
+Vec3 = tuple  # three tensors (or floats) broadcasting to [B, C, k]
+
+
+def _quad(x: Vec3, y: Vec3, cov: tuple) -> torch.Tensor:
+    """``x^T Sigma y`` elementwise; ``cov`` = (S00, S11, S22, S01, S02, S12)."""
+    s00, s11, s22, s01, s02, s12 = cov
+    return (x[0] * y[0] * s00 + x[1] * y[1] * s11 + x[2] * y[2] * s22 + (x[0] * y[1] + x[1] * y[0]) * s01
+            + (x[0] * y[2] + x[2] * y[0]) * s02 + (x[1] * y[2] + x[2] * y[1]) * s12)
+
+
+def detector_jacobian(means: torch.Tensor, geometry, views: slice) -> tuple[torch.Tensor, torch.Tensor, Vec3, Vec3]:
+    """Detector (u, v) mm ``[B, C, k]`` of each centre and the rows ``J_u, J_v`` of its 2x3 Jacobian.
+
+    Elementwise on ``[B, C, k]`` (batched tiny matmuls are far slower on CPU).
+    """
+    angles = geometry.angles[views].to(device=means.device, dtype=torch.float64)
+    cs = torch.cos(angles).to(means.dtype)[None, :, None]  # [1, C, 1]
+    sn = torch.sin(angles).to(means.dtype)[None, :, None]
+    m0, m1, m2 = (means[..., a][:, None, :] for a in range(3))  # [B, 1, k]
+    u = -sn * m0 + cs * m1  # [B, C, k] position along e_u
+    v = m2.expand_as(u)
+    if not isinstance(geometry, ConeBeam):
+        return u, v, (-sn, cs, 0.0), (0.0, 0.0, 1.0)
+    sdd = geometry.source_to_detector
+    depth = (cs * m0 + sn * m1 + geometry.source_to_origin).clamp_min(1e-3 * geometry.source_to_origin)
+    scale = sdd / depth
+    u, v = u * scale, v * scale  # perspective detector coordinates
+    alpha, beta = u / sdd, v / sdd
+    j_u = (scale * (-sn - alpha * cs), scale * (cs - alpha * sn), 0.0)  # d u / d x
+    j_v = (-scale * beta * cs, -scale * beta * sn, scale)  # d v / d x
+    return u, v, j_u, j_v
+
+
+def splat_params(means: torch.Tensor, cov: torch.Tensor, det3: torch.Tensor, intensities: torch.Tensor,
+                 geometry, views: slice) -> torch.Tensor:
+    """Per (Gaussian, view) 2D splat parameters in pixel units -> ``[B, C, k, 6]``."""
+    u, v, j_u, j_v = detector_jacobian(means, geometry, views)  # [B, C, k], rows of J
+    six = tuple(cov[..., i, j][:, None, :] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)))
+    dv, du = geometry.detector_spacing
+    s_cc = _quad(j_u, j_u, six) / du**2  # projected covariance, pixel units
+    s_cr = _quad(j_u, j_v, six) / (du * dv)
+    s_rr = _quad(j_v, j_v, six) / dv**2
+    det_px = s_cc * s_rr - s_cr * s_cr  # [B, C, k]
+    if isinstance(geometry, ConeBeam):
+        uu = j_u[0] ** 2 + j_u[1] ** 2
+        vv = j_v[0] ** 2 + j_v[1] ** 2 + j_v[2] ** 2
+        uv = j_u[0] * j_v[0] + j_u[1] * j_v[1]
+        det_jj = uu * vv - uv * uv  # det(J J^T)
+    else:
+        det_jj = 1.0
+    amplitude = intensities[:, None] * torch.sqrt(2 * math.pi * det3[:, None] * det_jj / (det_px * (du * dv) ** 2))
+    col = u / du + geometry.axis_column
+    row = v / dv + geometry.centre_row
+    return torch.stack([col, row, s_rr / det_px, -s_cr / det_px, s_cc / det_px, amplitude], -1)
+
+
+def splat_extents(params: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-widths (rows, cols) in pixels of each splat's cutoff ellipse."""
+    p_cc, p_cr, p_rr = params[..., 2], params[..., 3], params[..., 4]
+    det = p_cc * p_rr - p_cr * p_cr
+    return cutoff * torch.sqrt(p_cc / det), cutoff * torch.sqrt(p_rr / det)
+
+
+def splat_exponent(params: torch.Tensor, d_col: torch.Tensor, d_row: torch.Tensor) -> torch.Tensor:
+    """Squared 2D Mahalanobis distance; ``params [..., 6]`` broadcast against offsets."""
+    return params[..., 2] * d_col * d_col + 2 * params[..., 3] * d_col * d_row + params[..., 4] * d_row * d_row
+
+
+# ------------------------------------------------------- stage 2: reference
+def splat_reference(params: torch.Tensor, rows: int, cols: int, cutoff: float,
+                    max_pairs: int = 1 << 23) -> torch.Tensor:
+    """Dense splat: ``params [B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
+    batch, views, k, _ = params.shape
+    r_idx = torch.arange(rows, dtype=params.dtype, device=params.device)[:, None]  # [rows, 1]
+    c_idx = torch.arange(cols, dtype=params.dtype, device=params.device)[None, :]  # [1, cols]
+    out = params.new_zeros(batch, views, rows, cols)
+    chunk = max(1, max_pairs // max(1, batch * views * rows * cols))
+    for start in range(0, k, chunk):
+        p = params[:, :, start:start + chunk, None, None, :]  # [B, C, kc, 1, 1, 6]
+        maha = splat_exponent(p, c_idx - p[..., 0], r_idx - p[..., 1])  # [B, C, kc, rows, cols]
+        val = p[..., 5] * torch.exp(-0.5 * maha) * (maha <= cutoff * cutoff)
+        out = out + val.sum(2)
+    return out
+
+
+# ----------------------------------------------------------- stage 2: torch
+_PATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def _bucket(size: torch.Tensor, limit: int) -> torch.Tensor:
+    """Round patch sizes up to the next entry of ``_PATCH_SIZES`` (capped at ``limit``)."""
+    table = torch.tensor(_PATCH_SIZES + (1 << 30,), device=size.device)
+    return table[torch.searchsorted(table, size)].clamp_max(limit)
+
+
+def _patch_origin(centre: torch.Tensor, half: torch.Tensor, size: torch.Tensor, limit: int) -> torch.Tensor:
+    """First row/col of a patch covering the in-detector footprint."""
+    start = torch.ceil(centre - half).clamp_min(0)
+    return torch.minimum(start, (limit - size).to(start.dtype)).long()
+
+
+def splat_torch(params: torch.Tensor, rows: int, cols: int, cutoff: float, max_pairs: int = 1 << 22) -> torch.Tensor:
+    """Gaussian-centric patches, bucketed by size: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
+    batch, views, k, _ = params.shape
+    flat = params.reshape(-1, SPLAT_PARAMS)  # [N*k, 6]
+    image = torch.arange(batch * views, device=params.device).repeat_interleave(k)  # [N*k]
+    with torch.no_grad():
+        half_r, half_c = splat_extents(flat, cutoff)
+        size_r = _bucket(torch.floor(2 * half_r).long() + 1, rows)
+        size_c = _bucket(torch.floor(2 * half_c).long() + 1, cols)
+        visible = ((flat[:, 1] + half_r >= 0) & (flat[:, 1] - half_r <= rows - 1)
+                   & (flat[:, 0] + half_c >= 0) & (flat[:, 0] - half_c <= cols - 1) & torch.isfinite(half_r + half_c))
+        row0 = _patch_origin(flat[:, 1], half_r, size_r, rows)
+        col0 = _patch_origin(flat[:, 0], half_c, size_c, cols)
+        key = size_r * 4096 + size_c
+    out = params.new_zeros(batch * views * rows * cols)
+    for bucket in torch.unique(key[visible]).tolist():
+        members = (visible & (key == bucket)).nonzero().squeeze(1)
+        sr, sc = bucket // 4096, bucket % 4096
+        step = max(1, max_pairs // (sr * sc))
+        for start in range(0, members.numel(), step):
+            idx = members[start:start + step]
+            out = out.index_add(0, *_patch_values(flat[idx], image[idx], row0[idx], col0[idx], sr, sc, rows, cols, cutoff))
+    return out.reshape(batch, views, rows, cols)
+
+
+def _patch_values(p: torch.Tensor, image: torch.Tensor, row0: torch.Tensor, col0: torch.Tensor, sr: int, sc: int,
+                  rows: int, cols: int, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat pixel indices and values ``[n*sr*sc]`` of ``n`` patches of ``sr x sc``."""
+    pr = row0[:, None] + torch.arange(sr, device=p.device)  # [n, sr]
+    pc = col0[:, None] + torch.arange(sc, device=p.device)  # [n, sc]
+    d_row = (pr.to(p.dtype) - p[:, 1:2])[:, :, None]  # [n, sr, 1]
+    d_col = (pc.to(p.dtype) - p[:, 0:1])[:, None, :]  # [n, 1, sc]
+    maha = splat_exponent(p[:, None, None, :], d_col, d_row)  # [n, sr, sc]
+    val = p[:, 5, None, None] * torch.exp(-0.5 * maha) * (maha <= cutoff * cutoff)
+    index = (image[:, None, None] * rows + pr[:, :, None]) * cols + pc[:, None, :]
+    return index.reshape(-1), val.reshape(-1)
+
+
+# ----------------------------------------------------------- stage 2: numba
+@njit(inline="always")
+def _exp_anchor(x, precise):
+    """exp for either sign: ``math.exp`` if ``precise`` (float64 input), else the fast polynomial."""
+    if precise:
+        return math.exp(x)
+    if x <= 0.0:
+        return fast_exp(x)
+    return 1.0 / fast_exp(-x)
+
+
+@njit(inline="always")
+def _row_span(mc, dv, p_cc, p_cr, p_rr, r2, cols):
+    """Columns ``[j_lo, j_hi]`` of one detector row inside the cutoff ellipse (clipped)."""
+    b = p_cr * dv
+    disc = b * b - p_cc * (p_rr * dv * dv - r2)
+    if disc < 0.0:
+        return 0, -1
+    sq = math.sqrt(disc)
+    lo = mc + (-b - sq) / p_cc
+    hi = mc + (-b + sq) / p_cc
+    if hi < 0.0 or lo > cols - 1.0:
+        return 0, -1
+    return max(0, int(math.ceil(lo))), min(cols - 1, int(math.floor(hi)))
+
+
+@njit(inline="always")
+def _row_range(mr, p_cc, p_cr, p_rr, cutoff, rows):
+    det = p_cc * p_rr - p_cr * p_cr
+    if not (det > 0.0 and p_cc > 0.0):
+        return 0, -1
+    half = cutoff * math.sqrt(p_cc / det)
+    lo = mr - half
+    hi = mr + half
+    if hi < 0.0 or lo > rows - 1.0:
+        return 0, -1
+    return max(0, int(math.ceil(lo))), min(rows - 1, int(math.floor(hi)))
+
+
+@njit(parallel=True, fastmath=True)
+def _splat_forward_kernel(params, cutoff, precise, n_threads, partial_out):
+    """params [N, K, 6]; partial_out [T, N, rows, cols] (zeros): thread t splats Gaussians t::T."""
+    n_img, k = params.shape[0], params.shape[1]
+    rows, cols = partial_out.shape[2], partial_out.shape[3]
+    r2 = cutoff * cutoff
+    for t in prange(n_threads):
+        g_lo = (k * t) // n_threads
+        g_hi = (k * (t + 1)) // n_threads
+        for n in range(n_img):
+            img = partial_out[t, n]
+            for g in range(g_lo, g_hi):
+                mc, mr = params[n, g, 0], params[n, g, 1]
+                p_cc, p_cr, p_rr, amp = params[n, g, 2], params[n, g, 3], params[n, g, 4], params[n, g, 5]
+                if amp == 0.0:
+                    continue
+                i_lo, i_hi = _row_range(mr, p_cc, p_cr, p_rr, cutoff, rows)
+                q = math.exp(-p_cc)
+                for i in range(i_lo, i_hi + 1):
+                    dv = i - mr
+                    j_lo, j_hi = _row_span(mc, dv, p_cc, p_cr, p_rr, r2, cols)
+                    row = img[i]
+                    du = j_lo - mc
+                    val = amp * _exp_anchor(-0.5 * ((p_cc * du + 2.0 * p_cr * dv) * du + p_rr * dv * dv), precise)
+                    ratio = _exp_anchor(-0.5 * (p_cc * (2.0 * du + 1.0) + 2.0 * p_cr * dv), precise)
+                    for j in range(j_lo, j_hi + 1):
+                        row[j] += val
+                        val *= ratio
+                        ratio *= q
+
+
+@njit(parallel=True, fastmath=True)
+def _splat_backward_kernel(params, cutoff, precise, grad_out, grad_params):
+    """grad_out [N, rows, cols] -> grad_params [N, K, 6]; one thread owns each (image, Gaussian)."""
+    n_img, k = params.shape[0], params.shape[1]
+    rows, cols = grad_out.shape[1], grad_out.shape[2]
+    r2 = cutoff * cutoff
+    for idx in prange(n_img * k):
+        n = idx // k
+        g = idx - n * k
+        mc, mr = params[n, g, 0], params[n, g, 1]
+        p_cc, p_cr, p_rr, amp = params[n, g, 2], params[n, g, 3], params[n, g, 4], params[n, g, 5]
+        i_lo, i_hi = _row_range(mr, p_cc, p_cr, p_rr, cutoff, rows)
+        q = math.exp(-p_cc)
+        m0 = 0.0
+        m_u = 0.0
+        m_v = 0.0
+        m_uu = 0.0
+        m_uv = 0.0
+        m_vv = 0.0
+        for i in range(i_lo, i_hi + 1):
+            dv = i - mr
+            j_lo, j_hi = _row_span(mc, dv, p_cc, p_cr, p_rr, r2, cols)
+            du0 = j_lo - mc
+            e = _exp_anchor(-0.5 * ((p_cc * du0 + 2.0 * p_cr * dv) * du0 + p_rr * dv * dv), precise)
+            ratio = _exp_anchor(-0.5 * (p_cc * (2.0 * du0 + 1.0) + 2.0 * p_cr * dv), precise)
+            g_row = grad_out[n, i]
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            step = 0.0
+            for j in range(j_lo, j_hi + 1):
+                w = g_row[j] * e
+                s0 += w
+                s1 += w * step
+                s2 += w * step * step
+                e *= ratio
+                ratio *= q
+                step += 1.0
+            s_u = s1 + du0 * s0  # sum of w * du
+            s_uu = s2 + 2.0 * du0 * s1 + du0 * du0 * s0
+            m0 += s0
+            m_u += s_u
+            m_v += dv * s0
+            m_uu += s_uu
+            m_uv += dv * s_u
+            m_vv += dv * dv * s0
+        grad_params[n, g, 0] = amp * (p_cc * m_u + p_cr * m_v)
+        grad_params[n, g, 1] = amp * (p_cr * m_u + p_rr * m_v)
+        grad_params[n, g, 2] = -0.5 * amp * m_uu
+        grad_params[n, g, 3] = -amp * m_uv
+        grad_params[n, g, 4] = -0.5 * amp * m_vv
+        grad_params[n, g, 5] = m0
+
+
+class _NumbaSplat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, params, rows, cols, cutoff):
+        flat = params.detach().reshape(-1, *params.shape[2:]).contiguous().numpy()  # [N, k, 6]
+        threads = max(1, get_num_threads())
+        partial_out = np.zeros((threads, flat.shape[0], rows, cols), dtype=flat.dtype)
+        _splat_forward_kernel(flat, float(cutoff), flat.dtype == np.float64, threads, partial_out)
+        ctx.save_for_backward(params)
+        ctx.cutoff = float(cutoff)
+        out = torch.from_numpy(partial_out.sum(0) if threads > 1 else partial_out[0])
+        return out.reshape(params.shape[0], params.shape[1], rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (params,) = ctx.saved_tensors
+        flat = params.detach().reshape(-1, *params.shape[2:]).contiguous().numpy()
+        g = grad.detach().to(params.dtype).reshape(-1, *grad.shape[2:]).contiguous().numpy()  # [N, rows, cols]
+        grad_params = np.empty_like(flat)
+        _splat_backward_kernel(flat, ctx.cutoff, flat.dtype == np.float64, g, grad_params)
+        return torch.from_numpy(grad_params).reshape(params.shape), None, None, None
+
+
+def splat_numba(params: torch.Tensor, rows: int, cols: int, cutoff: float) -> torch.Tensor:
+    """Numba CPU splat: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
+    if params.device.type != "cpu":
+        raise ValueError(f"the numba projector backend needs CPU tensors, got {params.device}")
+    return _NumbaSplat.apply(params, rows, cols, cutoff)
+
+
+SPLATTERS = {"reference": splat_reference, "torch": splat_torch, "numba": splat_numba}
+
+
+# ----------------------------------------------------------------- driver
+def resolve_backend(gaussians: GaussianSet, backend: str = "auto") -> str:
+    """The concrete backend ``project_gaussians`` will use: numba on CPU when available, else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "numba" and not numba_available():
+        raise ValueError(f"backend='numba' requested but numba is unusable: {numba_unavailable_reason()}")
+    if backend != "auto":
+        return backend
+    return "numba" if gaussians.device.type == "cpu" and numba_available() else "torch"
+
+
+def view_chunk_size(batch: int, k: int, n_views: int, max_chunk_mb: float = DEFAULT_CHUNK_MB) -> int:
+    """Views per chunk so stage 1 stays near ``max_chunk_mb``; a multiple of the thread count if possible."""
+    per_view = max(1, batch * k * _BYTES_PER_PAIR)
+    chunk = int(max(1, min(n_views, max_chunk_mb * 2**20 // per_view)))
+    threads = max(1, get_num_threads())
+    if threads < chunk < n_views:
+        chunk -= chunk % threads
+    return chunk
+
+
+def _project_views(means, cov, det3, intensities, *, geometry, views: slice, cutoff: float, splat) -> torch.Tensor:
+    params = splat_params(means, cov, det3, intensities, geometry, views)  # [B, C, k, 6]
+    return splat(params, geometry.rows, geometry.cols, cutoff)
+
+
+def project_gaussians(gaussians: GaussianSet, geometry, *, cutoff: float = 3.0, backend: str = "auto",
+                      max_chunk_mb: float = DEFAULT_CHUNK_MB) -> torch.Tensor:
+    """Analytic projections ``[B, V, rows, cols]`` (mm x intensity) of ``gaussians`` under ``geometry``.
+
+    ``cutoff``: each splat covers the pixels within this 2D Mahalanobis radius.
+    Differentiable w.r.t. centres, scales, quaternions and intensities.
+    """
+    if not isinstance(gaussians, GaussianSet):
+        raise GaussianValidationError(f"gaussians must be a GaussianSet, got {type(gaussians).__name__}")
+    geometry = check_geometry(geometry)
+    if not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff > 0):
+        raise ValueError(f"cutoff must be a positive number of sigmas, got {cutoff!r}")
+    name = resolve_backend(gaussians, backend)
+    log.debug("project_gaussians: backend %s", name)
+    means, cov, det3 = gaussians_mm(gaussians, geometry)
+    tensors = (means, cov, det3, gaussians.intensities)
+    chunk = view_chunk_size(gaussians.batch_size, gaussians.num_gaussians, geometry.n_views, max_chunk_mb)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and chunk < geometry.n_views
+    outs = []
+    for v0 in range(0, geometry.n_views, chunk):
+        fn = partial(_project_views, geometry=geometry, views=slice(v0, v0 + chunk), cutoff=float(cutoff),
+                     splat=SPLATTERS[name])
+        outs.append(checkpoint(fn, *tensors, use_reentrant=False) if recompute else fn(*tensors))
+    return torch.cat(outs, dim=1)
+
+
+__all__ = ["project_gaussians", "resolve_backend", "splat_params", "splat_reference", "splat_torch", "splat_numba",
+           "gaussians_mm", "BACKENDS"]
