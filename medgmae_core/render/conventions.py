@@ -47,7 +47,7 @@ def effective_precisions(gaussians: GaussianSet, convention: Convention) -> torc
 def check_shape(shape) -> tuple[int, int, int]:
     try:
         shape = tuple(int(n) for n in shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise ValueError(f"shape must be three integers (D, H, W), got {shape!r}") from None
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"shape must be three integers (D, H, W), each >= 2, got {shape}")
