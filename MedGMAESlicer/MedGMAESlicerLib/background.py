@@ -8,11 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .jobs import BackgroundJob
-from .parameters import MedGMAEParameters
-
-
-def _is_set(path) -> bool:
-    return path is not None and str(path) not in ("", ".")
+from .parameters import MedGMAEParameters, is_set
 
 
 class BackgroundLogic:
@@ -23,15 +19,15 @@ class BackgroundLogic:
                          pretrained: str | Path | None = None) -> list[str]:
         """``medgmae pretrain|finetune`` arguments (without the Python prefix)."""
         MedGMAEParameters(trainCommand=command, trainConfig=config, trainSteps=steps, trainDevice=device)
-        if not _is_set(data_folder) or not Path(data_folder).exists():
+        if not is_set(data_folder) or not Path(data_folder).exists():
             raise FileNotFoundError(f"training data folder {data_folder!s} does not exist")
-        if not _is_set(out_dir):
+        if not is_set(out_dir):
             raise ValueError("training output folder: choose a folder for checkpoints")
         args = ["--data", str(data_folder), "--model", config, "--steps", str(int(steps)), "--device", device,
                 "--out-dir", str(out_dir)]
         if resume:
             args += ["--resume", "auto"]
-        if command == "finetune" and _is_set(pretrained):
+        if command == "finetune" and is_set(pretrained):
             args += ["--pretrained", str(pretrained)]
         return [command, *args]
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .background import BackgroundLogic
-from .parameters import MedGMAEParameters
+from .parameters import MedGMAEParameters, is_set
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class MedGMAELogic(BackgroundLogic):
         """``(model, config)`` through ``medgmae_core.train.checkpoint.load_model``; cached per file and device."""
         from medgmae_core.train.checkpoint import load_model
 
-        path = Path(checkpoint) if checkpoint and str(checkpoint) not in ("", ".") else default_checkpoint()
+        path = Path(checkpoint) if is_set(checkpoint) else default_checkpoint()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist (choose a .pt file, or leave it empty for "
                                     "the bundled demo weights)")
@@ -226,11 +226,12 @@ class MedGMAELogic(BackgroundLogic):
 
     def predict(self, volume_node, *, checkpoint: str | Path | None = None, mode: str = "point",
                 point_ras=None, mask_ratio: float = 0.0, seed: int = 0, device: str = "auto",
-                glyph: GlyphSettings | None = None, prediction_opacity: float = 0.4,
+                glyph: GlyphSettings | None = None, prediction_opacity: float = 0.4, model=None,
                 progress: Callable[[float, str], None] | None = None, interactive: bool = False) -> "Prediction":
         """Predict Gaussians for one model window around ``point_ras`` (``mode="point"``; default: the volume
         centre) or the whole volume (``mode="whole"``, sliding windows), and show them: glyph model node in RAS,
-        rendered prediction as the foreground layer, a table of the Gaussian parameters."""
+        rendered prediction as the foreground layer, a table of the Gaussian parameters. ``model`` (an already
+        loaded model) replaces ``checkpoint``."""
         import torch
         from medgmae_core import inference, spatial
         from medgmae_core.data.transforms import HU_WINDOW
@@ -240,8 +241,10 @@ class MedGMAELogic(BackgroundLogic):
         MedGMAEParameters(maskRatio=mask_ratio, seed=seed, device=device)
         timings = Timings()
         report = progress or (lambda fraction, text="": None)
-        with timings("load model"):
-            model, config = self.load_model(checkpoint, device)
+        if model is None:
+            with timings("load model"):
+                model, _ = self.load_model(checkpoint, device)
+            checkpoint = self._model_path
         report(0.05, "preparing CT")
         with timings("prepare"):
             prepared = inference.prepare_ct(array_ijk(volume_node), ijk_to_ras(volume_node))
@@ -264,7 +267,8 @@ class MedGMAELogic(BackgroundLogic):
         centres_ras, axes_ras = spatial.gaussians_to_world(gaussians, prepared.shape, prepared.ijk_to_ras)
         intensities = gaussians.intensities.detach().reshape(-1).cpu().double().numpy()
         prediction = Prediction(volume_node, centres_ras, axes_ras, intensities, mode=mode,
-                                checkpoint=str(self._model_path), timings=timings)
+                                checkpoint=str(checkpoint or ""), timings=timings, gaussians=gaussians,
+                                grid_shape=prepared.shape, grid_affine=prepared.ijk_to_ras)
         lo, hi = HU_WINDOW
         name = volume_node.GetName()
         transform_id = volume_node.GetTransformNodeID()
@@ -376,6 +380,44 @@ class MedGMAELogic(BackgroundLogic):
                                             list(columns))
         return node
 
+    # ------------------------------------------------------------------ export
+    def _require_prediction(self) -> "Prediction":
+        if self.last_prediction is None:
+            raise ValueError("nothing to export yet: run Predict first")
+        return self.last_prediction
+
+    def _export_path(self, directory, suffix: str) -> Path:
+        if not is_set(directory):
+            raise ValueError("export folder: choose a folder to write to")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{_safe_name(self._require_prediction().volume_node.GetName())}{suffix}"
+
+    def export_ply(self, path: str | Path) -> Path:
+        """The predicted Gaussians as a 3DGS-style PLY in RAS millimetres (``medgmae_core.export.ply``)."""
+        from medgmae_core.export.ply import write_gaussians_ply
+        p = self._require_prediction()
+        return write_gaussians_ply(path, p.gaussians, shape=p.grid_shape, ijk_to_ras=p.grid_affine)
+
+    def export_nifti(self, path: str | Path, *, mask_path: str | Path | None = None) -> list[Path]:
+        """The rendered prediction (and the last mask preview) as NIfTI (``medgmae_core.export.nifti``)."""
+        from medgmae_core.export.nifti import write_volume
+        p = self._require_prediction()
+        written = [write_volume(path, array_ijk(p.prediction_node), ijk_to_ras(p.prediction_node), kind="prediction")]
+        if mask_path is not None and self.last_mask is not None:
+            written.append(write_volume(mask_path, self.last_mask.mask, ijk_to_ras(self.last_mask.label_node),
+                                        kind="mask"))
+        return written
+
+    def export_ply_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False) -> str:
+        path = self.export_ply(self._export_path(params.exportDirectory, "_gaussians.ply"))
+        return f"Wrote {path}"
+
+    def export_nifti_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False) -> str:
+        paths = self.export_nifti(self._export_path(params.exportDirectory, "_prediction.nii.gz"),
+                                  mask_path=self._export_path(params.exportDirectory, "_mask.nii.gz"))
+        return "Wrote " + ", ".join(str(p) for p in paths)
+
     def status_text(self) -> str:
         p = self.last_prediction
         if p is None:
@@ -383,6 +425,10 @@ class MedGMAELogic(BackgroundLogic):
         where = "one model window" if p.mode == "point" else "the whole volume"
         return (f"{len(p.intensities)} Gaussians over {where} ({p.shown} shown at intensity >= {p.glyph.threshold:.2f}, "
                 f"{p.glyph.sigma} sigma). Timings: {p.timings.text()}.")
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "volume"
 
 
 def _translation(offset) -> np.ndarray:
@@ -419,6 +465,9 @@ class Prediction:
     model_node: object = None
     prediction_node: object = None
     table_node: object = None
+    gaussians: object = None  # GaussianSet in normalised coords of the prepared grid
+    grid_shape: tuple | None = None
+    grid_affine: np.ndarray | None = None
 
 
 def default_checkpoint() -> Path:

@@ -115,6 +115,11 @@ class MedGMAEParameters:
         return cls(**values)
 
 
+def is_set(path) -> bool:
+    """A path parameter that was filled in (an empty path widget reads back as ``Path('.')``)."""
+    return path is not None and str(path) not in ("", ".")
+
+
 def _parse_bool(value: Any) -> bool:
     text = str(value).strip().lower()
     if text in ("1", "true", "yes", "on"):

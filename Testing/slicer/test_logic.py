@@ -1,0 +1,221 @@
+"""The module logic on a real MRML scene (slicer-core): mask, predict, glyphs in RAS, display, export, .mrb, 3D view."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from MedGMAESlicerLib.headless import load_mrb
+from MedGMAESlicerLib.logic import MedGMAELogic, add_volume, array_ijk, ijk_to_ras, patch_mask
+
+
+# ----------------------------------------------------------------------------- helpers
+def _composites(scene):
+    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+
+
+def _rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def oblique_lps_affine():
+    """LPS-flipped, rotated 25 degrees about an oblique axis, anisotropic spacing."""
+    a = np.eye(4)
+    a[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ _rotation([1, 2, 3], 25) @ np.diag([2.0, 1.5, 2.5])
+    a[:3, 3] = [12.0, -30.0, 45.0]
+    return a
+
+
+def blob_volume(shape=(40, 36, 28), centre=(25.0, 12.0, 9.0), sigma=2.0):
+    """Soft tissue (40 HU) with one bright blob (+400 HU) at a voxel position, and a slab of air at i < 3."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    r2 = ((grid - np.asarray(centre)) ** 2).sum(-1)
+    hu = 40.0 + 400.0 * np.exp(-r2 / (2 * sigma ** 2))
+    hu[:3] = -1000.0
+    return hu.astype(np.float32)
+
+
+class BlobFinder(torch.nn.Module):
+    """A known-answer "model": one Gaussian at the centroid of the window's bright voxels."""
+
+    def __init__(self, n=32, scale=0.03):
+        super().__init__()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(img_size=(n, n, n))
+        self.scale = scale
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def predict_gaussians(self, x, mask_ratio=0.0, generator=None):
+        from medgmae_core.gaussians import GaussianSet
+        vol = x[0, 0].double()
+        weights = (vol - vol.median()).clamp_min(0)  # above the soft-tissue background
+        weights = weights * (weights >= 0.5 * weights.max())
+        idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in vol.shape], indexing="ij"), -1)
+        centre = (idx * weights[..., None]).sum((0, 1, 2)) / weights.sum() / (torch.tensor(vol.shape) - 1)
+        return GaussianSet(centre.float().view(1, 1, 3), torch.full((1, 1, 3), self.scale),
+                           torch.tensor([[[1.0, 0, 0, 0]]]), torch.ones(1, 1))
+
+    def render(self, gaussians):
+        from medgmae_core.render import render_volume
+        return render_volume(gaussians, self.config.img_size, backend="torch")[:, None]
+
+
+# ----------------------------------------------------------------------------- mask
+def test_mask_preview_on_real_ct(session, small_real_ct):
+    ct = session.load_volume(small_real_ct)
+    logic = MedGMAELogic(session.scene)
+    original = array_ijk(ct).copy()
+    preview = logic.preview_mask(ct, mask_ratio=0.6, patch_size=12, seed=3)
+    masked, label = array_ijk(preview.masked_node), array_ijk(preview.label_node)
+    hidden = preview.mask.astype(bool)
+    assert masked.shape == label.shape == original.shape
+    assert np.all(masked[hidden] == original.min()) and np.array_equal(masked[~hidden], original[~hidden])
+    assert np.array_equal(label, preview.mask) and set(np.unique(label)) == {0, 1}
+    grid = patch_mask(original.shape, 12, 0.6, 3)
+    assert grid.sum() == round(grid.size * 0.6)  # the model's masking: exactly round(L * ratio) patches hidden
+    assert np.allclose(ijk_to_ras(preview.label_node), ijk_to_ras(ct))
+    assert preview.label_node.IsA("vtkMRMLLabelMapVolumeNode")
+    comp = _composites(session.scene)[0]
+    assert comp.GetBackgroundVolumeID() == preview.masked_node.GetID() and comp.GetLabelVolumeID() == preview.label_node.GetID()
+    # same seed, same mask; a new seed updates the same nodes with a different mask
+    assert np.array_equal(patch_mask(original.shape, 12, 0.6, 3), grid)
+    again = logic.preview_mask(ct, mask_ratio=0.6, patch_size=12, seed=4)
+    assert again.masked_node is preview.masked_node and not np.array_equal(again.mask, hidden)
+    with pytest.raises(ValueError, match="parameter maskRatio"):
+        logic.preview_mask(ct, mask_ratio=1.2)
+
+
+# ----------------------------------------------------------------------------- predict
+def test_glyph_centres_land_at_ras_positions_for_oblique_lps_volume(session):
+    from medgmae_core.export.glyphs import glyph_vertices
+
+    affine = oblique_lps_affine()
+    centre_ijk = np.array([25.0, 12.0, 9.0])
+    volume = add_volume(session.scene, blob_volume(centre=centre_ijk), affine, "oblique")
+    truth_ras = affine[:3, :3] @ centre_ijk + affine[:3, 3]
+    logic = MedGMAELogic(session.scene)
+    model = BlobFinder()
+    p = logic.predict(volume, model=model, mode="point", point_ras=truth_ras + [4.0, -3.0, 2.0])
+    # the table, the glyph model and the Gaussian all put the blob where IJKToRAS says it is
+    assert p.centres_ras.shape == (1, 3)
+    assert np.linalg.norm(p.centres_ras[0] - truth_ras) < 1.0, (p.centres_ras[0], truth_ras)
+    verts = glyph_vertices(p.model_node.GetPolyData(), resolution=p.glyph.resolution)  # [1, points, 3]
+    assert np.allclose(verts.mean(1)[0], p.centres_ras[0], atol=1e-3)
+    table = p.table_node.GetTable()
+    row = [table.GetValueByName(0, c).ToDouble() for c in ("R (mm)", "A (mm)", "S (mm)")]
+    assert np.allclose(row, p.centres_ras[0], atol=1e-4)
+    # isotropic window scale -> isotropic RAS radius: sigma * scale * (n - 1) * 1.5 mm (model spacing)
+    radius = np.linalg.norm(verts[0] - verts.mean(1)[0], axis=1)
+    assert np.allclose(radius, 2 * 0.03 * 31 * 1.5, rtol=1e-3)
+    # the rendered window sits where the blob is: its brightest voxel maps back near the truth
+    pred = array_ijk(p.prediction_node)
+    peak = np.array(np.unravel_index(np.argmax(pred), pred.shape), float)
+    peak_ras = ijk_to_ras(p.prediction_node)[:3, :3] @ peak + ijk_to_ras(p.prediction_node)[:3, 3]
+    assert np.linalg.norm(peak_ras - truth_ras) < 1.6
+
+
+def test_predict_on_real_ct_with_tiny_checkpoint(session, small_real_ct, tiny_checkpoint):
+    ct = session.load_volume(small_real_ct)
+    logic = MedGMAELogic(session.scene)
+    centre = ijk_to_ras(ct) @ np.array([60, 50, 15, 1.0])
+    p = logic.predict(ct, checkpoint=tiny_checkpoint, mode="point", point_ras=centre[:3], mask_ratio=0.75, seed=1)
+    n = len(p.intensities)
+    assert n == 24 and p.table_node.GetNumberOfRows() == n and p.table_node.GetNumberOfColumns() == 12
+    shown = int((p.intensities >= p.glyph.threshold).sum())
+    per_glyph = 50  # sphere at resolution 8
+    assert p.model_node.GetPolyData().GetNumberOfPoints() == shown * per_glyph
+    comp = _composites(session.scene)[0]
+    assert comp.GetForegroundVolumeID() == p.prediction_node.GetID() and comp.GetBackgroundVolumeID() == ct.GetID()
+    assert array_ijk(p.prediction_node).shape == (32, 32, 32)
+    assert "24 Gaussians over one model window" in logic.status_text() and "predict" in logic.status_text()
+    # same seed, same mask, same Gaussians; the nodes are reused
+    again = logic.predict(ct, checkpoint=tiny_checkpoint, mode="point", point_ras=centre[:3], mask_ratio=0.75, seed=1)
+    assert np.allclose(again.centres_ras, p.centres_ras) and again.model_node is p.model_node
+
+
+def test_display_controls(session, tiny_checkpoint):
+    volume = add_volume(session.scene, blob_volume(), oblique_lps_affine(), "blob")
+    logic = MedGMAELogic(session.scene)
+    p = logic.predict(volume, checkpoint=tiny_checkpoint, mode="point")
+    logic.update_display(threshold=0.0, resolution=8, sigma=1, opacity=0.3)
+    poly = p.model_node.GetPolyData()
+    assert poly.GetNumberOfPoints() == 24 * 50 and p.model_node.GetDisplayNode().GetOpacity() == pytest.approx(0.3)
+    from medgmae_core.export.glyphs import glyph_vertices
+    one_sigma = glyph_vertices(poly, 8)
+    logic.update_display(sigma=3)
+    three_sigma = glyph_vertices(p.model_node.GetPolyData(), 8)
+    c = one_sigma.mean(1, keepdims=True)
+    assert np.allclose(three_sigma - c, 3 * (one_sigma - c), atol=1e-4)
+    logic.update_display(resolution=12)
+    assert p.model_node.GetPolyData().GetNumberOfPoints() == 24 * (12 * 10 + 2)
+    cut = float(np.median(p.intensities))
+    logic.update_display(threshold=cut)
+    assert p.model_node.GetPolyData().GetNumberOfPoints() == int((p.intensities >= cut).sum()) * (12 * 10 + 2)
+    logic.update_display(prediction_opacity=0.7)
+    assert _composites(session.scene)[0].GetForegroundOpacity() == pytest.approx(0.7)
+
+
+def test_whole_volume_prediction(session, tiny_checkpoint):
+    volume = add_volume(session.scene, blob_volume(), oblique_lps_affine(), "blob")
+    logic = MedGMAELogic(session.scene)
+    steps = []
+    p = logic.predict(volume, checkpoint=tiny_checkpoint, mode="whole", progress=lambda f, t="": steps.append(f))
+    from medgmae_core import inference, spatial
+    prepared = inference.prepare_ct(array_ijk(volume), ijk_to_ras(volume))
+    assert array_ijk(p.prediction_node).shape == prepared.shape
+    assert np.allclose(ijk_to_ras(p.prediction_node), prepared.ijk_to_ras)
+    assert steps == sorted(steps) and steps[-1] == 1.0 and len(steps) > 4
+    # every merged Gaussian centre lies inside the prepared grid (partition cells tile it)
+    vox = spatial.ras_to_voxel(p.centres_ras, prepared.ijk_to_ras)
+    assert len(vox) > 24 and np.all(vox > -1.0) and np.all(vox < np.asarray(prepared.shape))
+    assert "over the whole volume" in logic.status_text()
+
+
+# ----------------------------------------------------------------------------- export, scene, 3D view
+def test_export_mrb_round_trip_and_3d_view(session, small_real_ct, tiny_checkpoint, tmp_path):
+    from medgmae_core.export.nifti import read_volume_array
+    from medgmae_core.export.ply import read_gaussians_ply
+
+    ct = session.load_volume(small_real_ct)
+    logic = MedGMAELogic(session.scene)
+    logic.preview_mask(ct, seed=5)
+    p = logic.predict(ct, checkpoint=tiny_checkpoint, mode="point", mask_ratio=0.5)
+    logic.update_display(threshold=0.0)
+    # exports
+    ply = logic.export_ply(tmp_path / "g.ply")
+    back = read_gaussians_ply(ply)
+    from medgmae_core import spatial
+    assert back.coords == "ras" and np.allclose(back.ijk_to_ras, p.grid_affine)
+    back_ras, _ = spatial.gaussians_to_world(back.gaussians, back.shape, back.ijk_to_ras)
+    assert np.allclose(back_ras, p.centres_ras, atol=1e-3)
+    nii, mask_nii = logic.export_nifti(tmp_path / "pred.nii.gz", mask_path=tmp_path / "mask.nii.gz")
+    arr, aff = read_volume_array(nii)
+    assert np.allclose(arr, array_ijk(p.prediction_node), atol=1e-3) and np.allclose(aff, ijk_to_ras(p.prediction_node), atol=1e-4)
+    marr, _ = read_volume_array(mask_nii)
+    assert np.array_equal(marr, logic.last_mask.mask)
+    # .mrb: save, reload in a new scene, nodes and arrays survive
+    mrb = session.save_mrb(tmp_path / "scene.mrb")
+    scene2 = load_mrb(mrb)
+    for node in (ct, logic.last_mask.masked_node, logic.last_mask.label_node, p.prediction_node):
+        copy = scene2.GetFirstNodeByName(node.GetName())
+        assert copy is not None and copy.GetClassName() == node.GetClassName(), node.GetName()
+        import slicer
+        assert np.array_equal(slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(node)), node.GetName()
+        assert np.allclose(ijk_to_ras(copy), ijk_to_ras(node))
+    model2 = scene2.GetFirstNodeByName(p.model_node.GetName())
+    from vtk.util.numpy_support import vtk_to_numpy
+    assert np.allclose(vtk_to_numpy(model2.GetPolyData().GetPoints().GetData()),
+                       vtk_to_numpy(p.model_node.GetPolyData().GetPoints().GetData()), atol=1e-4)
+    table2 = scene2.GetFirstNodeByName(p.table_node.GetName())
+    assert table2.GetNumberOfRows() == len(p.intensities)
+    assert float(table2.GetTable().GetValueByName(3, "intensity").ToDouble()) == pytest.approx(p.intensities[3], rel=1e-5)
+    # offscreen 3D view of the glyphs: not blank
+    png = tmp_path / "view.png"
+    rgb = session.render_3d(png)
+    background = rgb[0, 0].astype(int)
+    differs = np.abs(rgb.astype(int) - background).sum(-1) > 30
+    assert png.stat().st_size > 1000 and differs.mean() > 0.01, differs.mean()
