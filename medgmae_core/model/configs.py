@@ -53,6 +53,14 @@ class ModelConfig:
     * ``star_sigma_rotation = 0.1``: each quaternion component moves by at most 0.1 before
       re-normalising, i.e. a reorientation of up to about 20 degrees: children fine-tune the
       parent's orientation and cannot flip it.
+    * ``intensity_scale`` (default 0.1, the release's ``c``): multiplies the intensity heads'
+      output ``I_head`` in (0, 1). Gaussians the model outputs (``ModelOutput.gaussians``,
+      ``predict_gaussians``) carry intensity ``intensity_scale * I_head``, so ``render_volume(gaussians, img_size, convention=render_convention)``
+      is exactly the model's prediction. With ``render_convention="release"`` (whose renderer
+      already multiplies by 0.1) set it to 1.0 to reproduce the release. Why not c = 1: with
+      the paper's initialisation (s ~ 0.2, I ~ 0.4) k Gaussians overlap everywhere and c = 1
+      renders ~10x the [0, 1] target at step 0; the first updates then drive every intensity
+      sigmoid towards 0 and training settles in a blurred-mean solution.
     * ``star_combine``: ``"levels"`` (default) -- every level is a complete representation of
       the volume (children *replace* their parents, as in 3DGS densification); each level is
       rendered and the loss is the mean of the per-level losses (deep supervision); ``pred``
@@ -75,6 +83,7 @@ class ModelConfig:
     mask_ratio: float = 0.75
     loss: str = "masked"
     render_convention: str = "paper"
+    intensity_scale: float = 0.1
     render_cutoff: float | None = 3.0
     render_backend: str = "auto"
     star_multipliers: tuple[int, int] = (2, 4)
@@ -130,6 +139,8 @@ class ModelConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.render_convention not in RENDER_CONVENTIONS:
             raise ValueError(f"render_convention must be one of {RENDER_CONVENTIONS}, got {self.render_convention!r}")
+        if not self.intensity_scale > 0:
+            raise ValueError(f"intensity_scale must be positive, got {self.intensity_scale}")
         if self.render_cutoff is not None and not self.render_cutoff > 0:
             raise ValueError(f"render_cutoff must be positive or None, got {self.render_cutoff}")
         m1, m2 = self.star_multipliers if len(self.star_multipliers) == 2 else (0, 0)

@@ -145,13 +145,19 @@ class MedGMAE(MaskedAutoencoder3D):
         return n0 * (1 + m1 + m2) if self.config.star_combine == "sum" else n0 * m2
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> list[GaussianSet]:
-        """-> Gaussian sets coarse to fine: ``[k]`` for MedGMAE, ``[N0, m1*N0, m2*N0]`` for MedGMAE*."""
-        gaussians, features, context = self.decoder(latent, ids_restore)
+        """-> Gaussian sets coarse to fine, in rendered units (see :meth:`to_volume_units`):
+        ``[k]`` for MedGMAE, ``[N0, m1*N0, m2*N0]`` for MedGMAE*."""
+        gaussians, features, context = self.decoder(latent, ids_restore)  # head units
         sets = [gaussians]
         for level in self.levels:
             gaussians, features = level(gaussians, features, context)
             sets.append(gaussians)
-        return sets
+        return [self.to_volume_units(g) for g in sets]
+
+    def to_volume_units(self, gaussians: GaussianSet) -> GaussianSet:
+        """Head-unit intensities (0, 1) -> rendered units: times ``config.intensity_scale``."""
+        scale = self.config.intensity_scale
+        return GaussianSet(gaussians.centres, gaussians.scales, gaussians.quaternions, gaussians.intensities * scale)
 
     def render(self, gaussians: GaussianSet) -> torch.Tensor:
         """GaussianSet -> ``[B, 1, D, H, W]`` in fp32 (autocast off)."""

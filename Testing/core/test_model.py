@@ -1,0 +1,388 @@
+"""Models: configs, encoder/masking, Gaussian heads, MedGMAE*, voxel-MAE, losses, predict_gaussians.
+
+Everything runs at small volumes (24^3 / 32^3) so the dense reference renderer stays cheap.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medgmae_core.gaussians import GaussianSet
+from medgmae_core.model import (CONFIG_NAMES, GaussianHeads, MedGMAE, ModelConfig, ModelOutput, VoxelMAE, build_model, get_config,
+                                random_masking, sincos_position_embedding_3d)
+from medgmae_core.render import render_volume
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two contended ones on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SMALL = dict(img_size=24, patch_size=6, num_gaussians=8)  # 64 patches of 6^3
+
+
+def small_model(objective: str = "gaussian", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(get_config("tiny", **{**SMALL, "objective": objective, **overrides}))
+
+
+def volume(batch: int = 2, size: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 1, size, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------- configs
+def block_params(dim: int, mlp_dim: int) -> int:
+    """One MONAI TransformerBlock: qkv (+bias), out proj, 2-layer MLP, 3 LayerNorms."""
+    return 3 * dim * dim + 3 * dim + dim * dim + dim + 2 * dim * mlp_dim + mlp_dim + dim + 3 * 2 * dim
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_builds_with_expected_parameter_count(name):
+    cfg = get_config(name)
+    with torch.device("meta"):  # no memory, no compute: 'large' has ~350M parameters
+        model = build_model(cfg)
+    e, d, p = cfg.embed_dim, cfg.decoder_embed_dim, math.prod(cfg.patch_size)
+    encoder = (p * e + e) + cfg.depth * block_params(e, int(e * cfg.mlp_ratio)) + 2 * e + e  # conv, blocks, norm, cls
+    n_enc = sum(t.numel() for n, t in model.encoder.named_parameters() if "position_embeddings" not in n)
+    assert n_enc == encoder
+    decoder = (e * d + d) + cfg.num_gaussians * d + cfg.decoder_depth * block_params(d, int(d * cfg.mlp_ratio)) \
+        + 2 * d + (d + 1) * (3 + 3 + 4 + 1)
+    n_dec = sum(t.numel() for n, t in model.decoder.named_parameters() if "pos_embed" not in n)
+    assert n_dec == decoder
+    assert model.encoder.patch_embedding.position_embeddings.shape == (1, cfg.num_patches, e)
+    assert cfg.num_patches == 512 and cfg.img_size == (96, 96, 96)
+
+
+def test_large_matches_the_release():
+    cfg = get_config("large")
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio) == (1536, 12, 16, 4.0)
+    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.num_gaussians) == (528, 8, 16, 128)
+    assert get_config("tiny").embed_dim == 192 and get_config("tiny").depth == 6 and get_config("tiny").num_heads == 3
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_forward_shapes_tiny_and_base(name):
+    torch.manual_seed(0)
+    model = build_model(get_config(name, img_size=(24, 24, 36), patch_size=12, num_gaussians=6))
+    out = model(volume(2)[..., :24, :24, :24].repeat(1, 1, 1, 1, 2)[..., :36])
+    assert isinstance(out, ModelOutput)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.pred.shape == (2, 1, 24, 24, 36)
+    assert out.mask.shape == (2, 2 * 2 * 3)
+    assert out.gaussians.num_gaussians == 6 and out.gaussians.batch_size == 2
+
+
+def test_config_roundtrip_and_overrides():
+    cfg = get_config("tiny", img_size=48, objective="gaussian_star", star_multipliers=(3, 6))
+    d = cfg.to_dict()
+    assert d["img_size"] == [48, 48, 48] and d["name"] == "tiny"
+    back = ModelConfig.from_dict(d)
+    assert back == cfg and back.img_size == (48, 48, 48) and back.star_multipliers == (3, 6)
+    assert build_model(d).config == cfg
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(img_size=(96, 96, 90)), r"img_size \(96, 96, 90\) is not divisible by patch_size \(12, 12, 12\).*axis 2"),
+    (dict(img_size=50, patch_size=12), r"img_size .* patch_size"),
+    (dict(patch_size=(12, 12)), "patch_size"),
+    (dict(img_size="big"), "img_size"),
+    (dict(embed_dim=200, num_heads=4), "divisible by 6"),
+    (dict(embed_dim=192, num_heads=5), "num_heads"),
+    (dict(objective="pixels"), "objective"),
+    (dict(loss="l1"), "loss"),
+    (dict(objective="voxel", loss="release"), "release"),
+    (dict(mask_ratio=1.0), "mask_ratio"),
+    (dict(star_multipliers=(2, 3)), "star_multipliers"),
+    (dict(bogus=1), r"unknown model config keys \['bogus'\]"),
+])
+def test_bad_configs_raise_clear_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        get_config("tiny", **overrides)
+
+
+def test_unknown_config_name_and_wrong_input_shape():
+    with pytest.raises(ValueError, match="unknown model config 'huge'"):
+        get_config("huge")
+    model = small_model()
+    with pytest.raises(ValueError, match=r"imgs must have shape \[B, 1, 24, 24, 24\].*got \[2, 1, 24, 24, 30\]"):
+        model(torch.rand(2, 1, 24, 24, 30))
+    with pytest.raises(ValueError, match="imgs must have shape"):
+        model(torch.rand(1, 24, 24, 24))
+
+
+# ------------------------------------------------------------------------------ encoder, masking
+def test_sincos_position_embedding():
+    pe = sincos_position_embedding_3d((2, 3, 4), 12)  # 2 frequencies per axis
+    assert pe.shape == (24, 12)
+    # patch (d, h, w) = (1, 2, 3) is row-major index 1*12 + 2*4 + 3 = 23;
+    # per axis [sin(pos*f0), sin(pos*f1), cos(pos*f0), cos(pos*f1)] with f = 1, 1/100
+    row = pe[23]
+    assert torch.allclose(row[0:4], torch.tensor([math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)]), atol=1e-6)
+    assert torch.allclose(row[4], torch.sin(torch.tensor(2.0)), atol=1e-6)  # H axis
+    assert torch.allclose(row[8], torch.sin(torch.tensor(3.0)), atol=1e-6)  # W axis
+    assert len({tuple(r.tolist()) for r in pe}) == 24  # every patch distinct
+    with pytest.raises(ValueError, match="divisible by 6"):
+        sincos_position_embedding_3d((2, 2, 2), 10)
+
+
+def test_position_embeddings_are_fixed():
+    model = small_model()
+    assert not model.encoder.patch_embedding.position_embeddings.requires_grad
+    assert not model.decoder.decoder_pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.9, 0.0])
+def test_masking_hides_exactly_ratio_of_tokens_and_differs_across_batch(ratio):
+    batch, length = 6, 64
+    x = torch.arange(length, dtype=torch.float32)[None, :, None].expand(batch, length, 2).clone()  # token i holds i
+    kept, mask, ids_restore = random_masking(x, ratio, torch.Generator().manual_seed(0))
+    n_masked = round(ratio * length)
+    assert mask.shape == (batch, length)
+    assert torch.equal(mask.sum(1), torch.full((batch,), float(n_masked)))
+    assert kept.shape == (batch, length - n_masked, 2)
+    for b in range(batch):  # the kept tokens are exactly the unmasked ones
+        assert sorted(kept[b, :, 0].long().tolist()) == torch.nonzero(mask[b] == 0).flatten().tolist()
+    assert torch.equal(torch.sort(ids_restore, 1).values, torch.arange(length).expand(batch, -1))
+    if 0 < ratio:
+        assert len({tuple(m.tolist()) for m in mask}) == batch  # independent per sample
+
+
+def test_model_masks_the_configured_ratio():
+    model = small_model(mask_ratio=0.5)
+    out = model(volume(3))
+    assert torch.equal(out.mask.sum(1), torch.full((3,), 32.0))
+    out = model(volume(3), mask_ratio=0.75)
+    assert torch.equal(out.mask.sum(1), torch.full((3,), 48.0))
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(volume(1), mask_ratio=1.2)
+
+
+def test_patchify_order_matches_the_patch_embedding_and_roundtrips():
+    model = small_model()
+    cfg = model.config
+    idx = torch.arange(cfg.num_patches, dtype=torch.float32).reshape(1, 1, *cfg.grid_size)
+    vol = idx.repeat_interleave(6, 2).repeat_interleave(6, 3).repeat_interleave(6, 4)  # voxel -> its patch index
+    patches = model.patchify(vol)
+    assert patches.shape == (1, 64, 216)
+    assert torch.equal(patches, torch.arange(64.0)[None, :, None].expand(1, 64, 216))
+    # the Conv3d embedding enumerates patches in the same order
+    conv = model.encoder.patch_embedding.patch_embeddings
+    with torch.no_grad():
+        emb = conv(vol).flatten(2).transpose(1, 2)  # [1, L, E]
+        expect = patches @ conv.weight.reshape(conv.weight.shape[0], -1).T + conv.bias
+    assert torch.allclose(emb, expect, atol=1e-3)
+    x = volume(2)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+    assert torch.equal(model.mask_volume(torch.eye(64)[None, 5]), (vol == 5).float())
+
+
+def test_encoder_state_dict_loads_into_monai_vit():
+    from monai.networks.nets import ViT
+
+    model = small_model()
+    cfg = model.config
+    vit = ViT(in_channels=1, img_size=cfg.img_size, patch_size=cfg.patch_size, hidden_size=cfg.embed_dim,
+              mlp_dim=int(cfg.embed_dim * cfg.mlp_ratio), num_layers=cfg.depth, num_heads=cfg.num_heads,
+              qkv_bias=True, classification=False)
+    state = {k: v for k, v in model.encoder.state_dict().items() if k != "cls_token"}
+    vit.load_state_dict(state, strict=True)
+    assert torch.equal(vit.blocks[2].attn.qkv.weight, model.encoder.blocks[2].attn.qkv.weight)
+
+
+# --------------------------------------------------------------------------------- Gaussian heads
+def test_head_activations_and_initial_values():
+    model = small_model(num_gaussians=64, intensity_scale=1.0)
+    heads = model.decoder.heads
+    assert torch.allclose(heads.head_scale.bias, torch.full((3,), -1.386))
+    assert torch.allclose(heads.head_intensity.bias, torch.tensor([-0.405]))
+    assert torch.count_nonzero(heads.head_centre.bias) == 0 and torch.count_nonzero(heads.head_rotation.bias) == 0
+    assert heads.head_scale.weight.std() < 0.02  # N(0, 0.01)
+    g = model.predict_gaussians(volume(2))
+    assert g.num_gaussians == 64
+    # sigmoid(-1.386 + N(0, 0.01) . h): 0.2 up to the small random weights
+    assert torch.allclose(g.scales.mean(), torch.tensor(0.2), atol=0.03)
+    assert g.scales.min() > 0.14 and g.scales.max() < 0.26
+    # xavier intensity weights spread I around sigmoid(-0.405) = 0.4 (one shared draw per model)
+    assert 0.1 < g.intensities.mean() < 0.8 and 0 < g.intensities.min() and g.intensities.max() < 1
+    assert torch.allclose(g.quaternions.norm(dim=-1), torch.ones(2, 64), atol=1e-6)
+    assert g.centres.min() >= 0 and g.centres.max() <= 1
+    # heads saturate through their activations, never past them
+    with torch.no_grad():
+        for head in (heads.head_centre, heads.head_scale, heads.head_intensity, heads.head_rotation):
+            head.bias.fill_(50.0)
+    g = model.predict_gaussians(volume(1))
+    assert torch.all(g.centres <= 1) and torch.all(g.scales <= 1) and torch.all(g.intensities <= 1)
+    assert torch.allclose(g.quaternions.norm(dim=-1), torch.ones(1, 64), atol=1e-6)
+
+
+def test_heads_on_a_neutral_feature_give_the_documented_initial_values():
+    heads = GaussianHeads(36)
+    with torch.no_grad():
+        heads.head_rotation.bias.copy_(torch.tensor([1.0, 0, 0, 0]))  # the zero quaternion has no direction
+        g = heads(torch.zeros(1, 3, 36))
+    assert torch.allclose(g.scales, torch.full((1, 3, 3), 0.2), atol=1e-3)
+    assert torch.allclose(g.intensities, torch.full((1, 3), 0.4), atol=1e-3)
+    assert torch.allclose(g.centres, torch.full((1, 3, 3), 0.5))
+    assert torch.allclose(g.quaternions, torch.tensor([1.0, 0, 0, 0]).expand(1, 3, 4))
+
+
+def test_intensity_scale_and_render_match_prediction():
+    model = small_model()  # default intensity_scale 0.1
+    torch.manual_seed(1)
+    out = model(volume(1))
+    assert 0 < out.gaussians.intensities.max() <= 0.1
+    again = render_volume(out.gaussians.detach(), (24, 24, 24), cutoff=model.config.render_cutoff)
+    assert torch.allclose(again, out.pred[:, 0].detach(), atol=1e-5)
+
+
+def test_queries_are_independent_of_the_mask():
+    model = small_model(num_gaussians=5)
+    for ratio in (0.0, 0.5, 0.9):
+        assert model(volume(1), mask_ratio=ratio).gaussians.num_gaussians == 5
+    assert model.decoder.query_tokens.shape == (1, 5, 144)
+    assert abs(float(model.decoder.query_tokens.detach().std()) - 0.02) < 0.01
+
+
+def test_predict_gaussians_valid_no_grad_and_restores_mode():
+    model = small_model(num_gaussians=12)
+    model.train()
+    g = model.predict_gaussians(volume(2))
+    assert isinstance(g, GaussianSet) and g.num_gaussians == 12 and g.batch_size == 2
+    assert not g.centres.requires_grad
+    assert model.training
+    g.validate()
+    model.eval()
+    again = model.predict_gaussians(volume(2))  # mask_ratio 0: deterministic up to token order
+    assert not model.training
+    assert torch.allclose(again.centres, g.centres, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- losses
+def test_masked_loss_uses_only_masked_voxels_release_loss_whole_volume():
+    model = small_model()
+    x = volume(2)
+    pred = volume(2, seed=1)
+    mask = torch.zeros(2, 64)
+    mask[:, ::3] = 1  # 22 masked patches per sample
+    mv = model.mask_volume(mask).bool()
+    masked = model.forward_loss(x, pred, mask)
+    assert torch.allclose(masked, ((pred - x) ** 2)[mv].mean())
+    noise = torch.rand_like(x) * (~mv)  # perturb visible voxels only
+    assert torch.allclose(model.forward_loss(x + noise, pred, mask), masked)  # visible target ignored
+    assert torch.allclose(model.forward_loss(x, pred + noise, mask), masked)  # visible prediction ignored
+    assert not torch.allclose(model.forward_loss(x + torch.rand_like(x) * mv, pred, mask), masked)
+
+    model.config.loss = "release"
+    release = model.forward_loss(x, pred, mask)
+    assert torch.allclose(release, ((pred - x * mv) ** 2).mean())
+    assert not torch.allclose(model.forward_loss(x, pred + noise, mask), release)  # visible region pushed to 0
+    assert torch.allclose(model.forward_loss(x + noise, pred, mask), release)  # target is x * mask
+
+
+@pytest.mark.parametrize("objective, overrides", [
+    ("gaussian", {}), ("gaussian", {"loss": "release"}), ("gaussian_star", {}),
+    ("gaussian_star", {"star_combine": "sum"}), ("voxel", {}),
+])
+def test_loss_is_finite_and_reaches_every_trainable_parameter(objective, overrides):
+    model = small_model(objective, num_gaussians=4, **overrides)
+    out = model(volume(2))
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert dead == []
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all("pos_embed" in n or "position_embeddings" in n or "norm_cross_attn" in n for n in frozen)
+
+
+def test_no_weight_decay_groups():
+    model = small_model("gaussian_star")
+    skip = model.no_weight_decay()
+    for name in ("encoder.cls_token", "decoder.query_tokens", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias",
+                 "decoder.heads.head_scale.bias", "levels.0.child_embed",
+                 "encoder.patch_embedding.position_embeddings"):
+        assert name in skip
+    for name in ("encoder.blocks.0.attn.qkv.weight", "encoder.patch_embedding.patch_embeddings.weight",
+                 "decoder.heads.head_scale.weight", "levels.1.delta_centre.weight"):
+        assert name not in skip
+    assert "mask_token" in {n.rsplit(".", 1)[-1] for n in small_model("voxel").no_weight_decay()}
+    decay, no_decay = model.param_groups(0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+
+
+# ------------------------------------------------------------------------------------- MedGMAE*
+def test_star_levels_structure_counts_and_residual_bounds():
+    model = small_model("gaussian_star", num_gaussians=4, star_multipliers=(2, 6), intensity_scale=1.0)
+    assert isinstance(model, MedGMAE) and len(model.levels) == 2
+    out = model(volume(2))
+    sizes = [g.num_gaussians for g in out.levels]
+    assert sizes == [4, 8, 24] and out.gaussians.num_gaussians == 24 and model.num_output_gaussians == 24
+    parent0, lvl1, lvl2 = out.levels
+    cfg = model.config
+
+    def parents(child: GaussianSet, parent: GaussianSet, m: int):
+        return parent.map(lambda t: t.repeat_interleave(m, dim=1))
+
+    for child, parent, m, shrink in ((lvl1, parent0, 2, 0.02), (lvl2, lvl1, 3, 0.05)):
+        p = parents(child, parent, m)
+        ds = child.scales - p.scales + shrink
+        assert ds.abs().max() <= cfg.star_scale_step + 1e-6
+        assert (child.centres - p.centres).abs().max() <= cfg.star_sigma_centre + 1e-6
+        assert (child.intensities - p.intensities).abs().max() <= cfg.star_sigma_intensity + 1e-6
+        assert torch.allclose(child.quaternions.norm(dim=-1), torch.ones_like(child.intensities), atol=1e-6)
+        # at initialisation a child is its parent shrunk by delta_s (residual heads start near 0)
+        assert torch.allclose(child.scales, p.scales - shrink, atol=0.02)
+    # saturated residuals reach exactly the documented bounds; scales clamp at star_min_scale
+    with torch.no_grad():
+        model.levels[0].delta_centre.bias.fill_(100.0)
+        model.levels[0].delta_scale.bias.fill_(-100.0)
+        model.levels[1].delta_scale.bias.fill_(-100.0)
+    sets = [model.predict_gaussians(volume(1), level=i) for i in range(3)]
+    assert torch.allclose(sets[1].centres, sets[0].centres.repeat_interleave(2, 1) + cfg.star_sigma_centre, atol=1e-5)
+    assert torch.allclose(sets[2].scales, torch.full_like(sets[2].scales, cfg.star_min_scale))
+    with pytest.raises(ValueError, match="level"):
+        model.predict_gaussians(volume(1), level=3)
+
+
+def test_star_sum_combines_all_levels_in_one_render():
+    model = small_model("gaussian_star", num_gaussians=4, star_combine="sum")
+    out = model(volume(1))
+    assert out.gaussians.num_gaussians == 4 * (1 + 2 + 4) == model.num_output_gaussians
+    again = render_volume(out.gaussians.detach(), (24, 24, 24))
+    assert torch.allclose(again, out.pred[:, 0].detach(), atol=1e-5)
+    assert model.predict_gaussians(volume(1)).num_gaussians == 28
+
+
+def test_star_levels_loss_is_mean_of_level_losses():
+    model = small_model("gaussian_star", num_gaussians=4)
+    x = volume(1)
+    out = model(x, generator=torch.Generator().manual_seed(3))
+    per_level = [model.forward_loss(x, model.render(g), out.mask) for g in out.levels]
+    assert torch.allclose(out.loss, torch.stack(per_level).mean(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ voxel-MAE
+def test_voxel_mae_shapes_and_loss():
+    model = small_model("voxel")
+    assert isinstance(model, VoxelMAE) and build_model(get_config("tiny", objective="voxel")).__class__ is VoxelMAE
+    x = volume(2)
+    latent, mask, ids_restore = model.forward_encoder(x, 0.75)
+    assert latent.shape == (2, 1 + 16, 192) and mask.shape == (2, 64)
+    patches = model.forward_decoder(latent, ids_restore)
+    assert patches.shape == (2, 64, 6 ** 3)
+    out = model(x)
+    assert out.pred.shape == x.shape and out.gaussians is None
+    # masked MSE of the patch predictions: visible patches do not count
+    target = model.patchify(x)
+    loss = model.forward_loss(x, patches, mask)
+    assert torch.allclose(loss, ((patches - target) ** 2).mean(-1)[mask.bool()].mean(), atol=1e-6)
+    bumped = patches + (1 - mask)[..., None] * 5.0
+    assert torch.allclose(model.forward_loss(x, bumped, mask), loss)
