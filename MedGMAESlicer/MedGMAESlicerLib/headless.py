@@ -7,12 +7,11 @@ trame-slicer does: application logic, colour nodes, volumes logic, optional slic
 from __future__ import annotations
 
 import os
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from medgmae_core.export.slicer_scene import new_scene, read_scene
 
 
 def in_slicer_app() -> bool:
@@ -128,39 +127,26 @@ def _stem(path: Path) -> str:
 
 
 def create_session(*, set_global: bool = True) -> Session:
-    """The app's scene inside Slicer; else a new slicer-core scene with colour and volume logic."""
+    """The app's scene inside Slicer; else a new slicer-core scene (``export.slicer_scene.new_scene``)."""
     import slicer
     if in_slicer_app():
         return Session(slicer.mrmlScene, slicer.app.applicationLogic(), slicer.modules.volumes.logic())
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    app_logic.GetColorLogic().SetMRMLScene(scene)  # adds the default colour tables
-    app_logic.SetModuleLogic("Colors", app_logic.GetColorLogic())
-    volumes_logic = slicer.vtkSlicerVolumesLogic()
-    volumes_logic.SetMRMLScene(scene)
-    volumes_logic.SetMRMLApplicationLogic(app_logic)
-    app_logic.SetModuleLogic("Volumes", volumes_logic)
-    if set_global:
-        slicer.mrmlScene = scene  # slicer.util helpers use it
-    return Session(scene, app_logic, volumes_logic)
+    previous = getattr(slicer, "mrmlScene", None)
+    hs = new_scene()  # sets slicer.mrmlScene, which slicer.util helpers use
+    hs.app_logic.SetModuleLogic("Volumes", hs.volumes_logic)
+    if not set_global:
+        slicer.mrmlScene = previous
+    return Session(hs.scene, hs.app_logic, hs.volumes_logic)
 
 
 def load_mrb(path: str | Path):
-    """Read a .mrb into a new scene (unzip + ``vtkMRMLScene.Import``); returns the scene."""
+    """Read a .mrb into a new scene (``export.slicer_scene.read_scene``); returns the scene."""
     import slicer
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scene bundle {path} does not exist")
-    folder = Path(tempfile.mkdtemp(prefix="medgmae_mrb_"))
-    with zipfile.ZipFile(path) as bundle:
-        bundle.extractall(folder)
-    mrml = sorted(folder.rglob("*.mrml"))
-    if not mrml:
-        raise ValueError(f"{path} is not a Slicer scene bundle (no .mrml inside)")
-    session = create_session(set_global=False)
-    session.scene.SetURL(str(mrml[0]))
-    session.scene.SetRootDirectory(str(mrml[0].parent))
-    if not session.scene.Import():
-        raise ValueError(f"{path}: the scene inside could not be read")
-    return session.scene
+    previous = getattr(slicer, "mrmlScene", None)
+    hs = read_scene(path)
+    slicer.mrmlScene = previous  # reading must not replace the scene a script works on
+    _keep_alive.append(hs)
+    return hs.scene
+
+
+_keep_alive: list = []  # the logic objects of loaded scenes must outlive the scenes

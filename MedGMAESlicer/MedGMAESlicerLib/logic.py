@@ -35,19 +35,8 @@ def _slicer():
 
 def ijk_to_ras(volume_node) -> np.ndarray:
     """The volume's 4x4 IJKToRAS matrix."""
-    import vtk
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def set_ijk_to_ras(volume_node, affine: np.ndarray) -> None:
-    import vtk
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(affine[r, c]))
-    volume_node.SetIJKToRASMatrix(m)
+    from medgmae_core.export.slicer_scene import node_ijk_to_ras
+    return node_ijk_to_ras(volume_node)
 
 
 def array_ijk(volume_node) -> np.ndarray:
@@ -57,16 +46,20 @@ def array_ijk(volume_node) -> np.ndarray:
     return _slicer().util.arrayFromVolume(volume_node).transpose(2, 1, 0)
 
 
-def add_volume(scene, array_ijk_: np.ndarray, affine: np.ndarray, name: str, *,
-               class_name: str = "vtkMRMLScalarVolumeNode", node=None, parent_transform_id: str | None = None):
-    """Create (or update ``node``) a volume node from an ``[I, J, K]`` array with the given IJKToRAS."""
+def add_volume(scene, array_ijk_: np.ndarray, affine: np.ndarray, name: str, *, labelmap: bool = False,
+               node=None, parent_transform_id: str | None = None, window_level: tuple[float, float] | None = None):
+    """A volume node from an ``[I, J, K]`` array and its IJKToRAS: new (``export.slicer_scene.add_volume_node``)
+    or ``node`` updated in place when it is still in the scene (re-runs reuse their nodes)."""
+    from medgmae_core.export.slicer_scene import add_volume_node
+
     slicer = _slicer()
     if node is None or node.GetScene() is None:
-        node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
-    set_ijk_to_ras(node, affine)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.asarray(array_ijk_).transpose(2, 1, 0)))
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
+        node = add_volume_node(scene, array_ijk_, affine, scene.GenerateUniqueName(name), labelmap=labelmap,
+                               window_level=window_level)
+    else:
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.asarray(affine, dtype=np.float64)))
+        data = np.asarray(array_ijk_, dtype=np.uint8 if labelmap else np.float32)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(data.transpose(2, 1, 0)))
     node.SetAndObserveTransformNodeID(parent_transform_id)
     return node
 
@@ -183,7 +176,7 @@ class MedGMAELogic(BackgroundLogic):
                                  node=reuse.masked_node if reuse else None,
                                  parent_transform_id=volume_node.GetTransformNodeID())
         label_node = add_volume(self.scene, mask * MASK_LABEL, affine, f"{name} mask",
-                                class_name="vtkMRMLLabelMapVolumeNode", node=reuse.label_node if reuse else None,
+                                labelmap=True, node=reuse.label_node if reuse else None,
                                 parent_transform_id=volume_node.GetTransformNodeID())
         if masked_node.GetDisplayNode() and volume_node.GetDisplayNode():
             source = volume_node.GetDisplayNode()
@@ -313,7 +306,9 @@ class MedGMAELogic(BackgroundLogic):
 
     # ------------------------------------------------------------------ display
     def _update_glyphs(self, prediction: "Prediction", force: bool = False) -> None:
+        """(Re)build the glyph polydata when resolution, threshold or sigma changed; opacity always."""
         from medgmae_core.export import glyphs
+        from medgmae_core.export.slicer_scene import add_glyph_model_node
 
         s = prediction.glyph
         key = (s.resolution, s.threshold, s.sigma)
@@ -322,27 +317,22 @@ class MedGMAELogic(BackgroundLogic):
             poly = glyphs.gaussian_glyph_polydata(prediction.centres_ras, prediction.axes_ras, prediction.intensities,
                                                   sigma=s.sigma, resolution=s.resolution, threshold=s.threshold)
             node = prediction.model_node
+            values = prediction.intensities
+            full_range = (float(values.min()), float(values.max()) + 1e-6) if len(values) else None
             if node is None or node.GetScene() is None:
-                node = self.scene.AddNewNodeByClass("vtkMRMLModelNode", self.scene.GenerateUniqueName(
-                    f"{prediction.volume_node.GetName()} Gaussians"))
-                node.CreateDefaultDisplayNodes()
+                node = add_glyph_model_node(  # coloured by intensity over all Gaussians, outlines in slice views
+                    self.scene, poly, self.scene.GenerateUniqueName(f"{prediction.volume_node.GetName()} Gaussians"),
+                    scalar_range=full_range)
                 node.SetAndObserveTransformNodeID(prediction.volume_node.GetTransformNodeID())
                 prediction.model_node = node
-            node.SetAndObservePolyData(poly)
+            else:
+                node.SetAndObservePolyData(poly)
+                if full_range is not None:
+                    node.GetDisplayNode().SetScalarRange(*full_range)
             prediction.glyph_key = key
             prediction.shown = int(np.sum(prediction.intensities >= s.threshold))
             prediction.timings.values["glyphs"] = time.perf_counter() - t0
-        display = prediction.model_node.GetDisplayNode()
-        display.SetOpacity(float(s.opacity))
-        display.SetActiveScalarName(glyphs.SCALAR_NAME)
-        display.SetScalarVisibility(True)
-        display.SetScalarRangeFlag(_slicer().vtkMRMLDisplayNode.UseDataScalarRange)
-        color = self.scene.GetNodeByID("vtkMRMLColorTableNodeFileViridis.txt") or \
-            self.scene.GetNodeByID("vtkMRMLColorTableNodeRainbow")
-        if color is not None:
-            display.SetAndObserveColorNodeID(color.GetID())
-        display.SetVisibility2D(True)  # outlines in the slice views
-        display.SetSliceIntersectionThickness(2)
+        prediction.model_node.GetDisplayNode().SetOpacity(float(s.opacity))
 
     def update_display(self, *, opacity: float | None = None, resolution: int | None = None,
                        threshold: float | None = None, sigma: int | None = None,
