@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (default 0.75)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the mask and the phantom (default 0)")
     parser.add_argument("--spacing", type=float, default=1.5, help="model voxel spacing in mm (default 1.5)")
+    parser.add_argument("--phantom-shape", default="128,128,96",
+                        help="shape X,Y,Z of the built-in phantom at 1.5 mm when no CT is given (default 128,128,96)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--glyph-sigma", type=float, default=2.0, choices=(1.0, 2.0, 3.0),
                         help="ellipsoid size in standard deviations (default 2)")
@@ -72,12 +74,23 @@ def resolve_weights(weights: str | Path | None) -> Path:
     return path
 
 
-def load_ct(ct: str | Path | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+def parse_shape(text: str | tuple) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in (text.split(",") if isinstance(text, str) else text))
+    except ValueError:
+        raise ValueError(f"--phantom-shape must be three integers X,Y,Z, got {text!r}") from None
+    if len(shape) != 3:
+        raise ValueError(f"--phantom-shape must be three integers X,Y,Z, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def load_ct(ct: str | Path | None, seed: int = 0,
+            phantom_shape: tuple[int, int, int] = (128, 128, 96)) -> tuple[np.ndarray, np.ndarray, str]:
     """``(hu [I, J, K], ijk_to_ras, description)``: the file or DICOM folder, or the phantom."""
     if ct is None:
         from .data.phantom import make_phantom
 
-        ph = make_phantom(seed=seed)
+        ph = make_phantom(shape=phantom_shape, seed=seed)
         return ph.hu, np.asarray(ph.affine, dtype=np.float64), f"built-in phantom (seed {seed})"
     from .export.nifti import read_volume_array
 
@@ -90,7 +103,8 @@ def load_ct(ct: str | Path | None, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 def run_demo(ct: str | Path | None, out_dir: str | Path, *, weights: str | Path | None = None,
              mask_ratio: float = 0.75, seed: int = 0, spacing_mm: float = 1.5, device: str = "cpu",
-             glyph_sigma: float = 2.0, glyph_threshold: float | None = None) -> DemoResult:
+             glyph_sigma: float = 2.0, glyph_threshold: float | None = None,
+             phantom_shape: tuple[int, int, int] | str = (128, 128, 96)) -> DemoResult:
     from . import inference, spatial
     from .data.transforms import HU_WINDOW
     from .export import figures, glyphs, nifti, ply, slicer_scene
@@ -105,7 +119,7 @@ def run_demo(ct: str | Path | None, out_dir: str | Path, *, weights: str | Path 
 
     t = clock()
     weights_path = resolve_weights(weights)
-    hu, affine, source = load_ct(ct, seed)
+    hu, affine, source = load_ct(ct, seed, parse_shape(phantom_shape))
     timings["load_ct"] = clock() - t
     t = clock()
     model, config = load_model(weights_path, device=device)
@@ -166,6 +180,6 @@ def format_summary(res: DemoResult) -> str:
 def main(args: argparse.Namespace) -> int:
     res = run_demo(args.ct, args.out, weights=args.weights, mask_ratio=args.mask_ratio, seed=args.seed,
                    spacing_mm=args.spacing, device=args.device, glyph_sigma=args.glyph_sigma,
-                   glyph_threshold=args.glyph_threshold)
+                   glyph_threshold=args.glyph_threshold, phantom_shape=args.phantom_shape)
     print(json.dumps(asdict(res)) if args.json else format_summary(res))
     return 0

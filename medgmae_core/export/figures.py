@@ -191,7 +191,11 @@ def overview_png(path: str | Path, *, ct, prediction=None, mask=None, gaussians:
                         lo, hi = float(g_int.min()), float(g_int.max()) + 1e-9
                         ax.add_collection(EllipseCollection(
                             widths, heights, angles, units="xy", offsets=centre, offset_transform=ax.transData,
-                            facecolors="none", edgecolors=cmap((g_int[keep] - lo) / (hi - lo)), linewidths=0.8))
+                            facecolors="none", edgecolors=cmap((g_int[keep] - lo) / (hi - lo)), linewidths=0.8),
+                            autolim=False)
+                        h, v = base.shape
+                        ax.set_xlim((h - 0.5, -0.5) if flip else (-0.5, h - 0.5))
+                        ax.set_ylim(-0.5, v - 0.5)
             if row == 0:
                 ax.set_title(label, fontsize=10)
             if col == 0:
