@@ -64,6 +64,13 @@ def _triple(name: str, value) -> tuple[float, float, float]:
     return out
 
 
+def _distance(name: str, value) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise GeometryError(f"{name} must be a positive distance in mm, got {value}")
+    return value
+
+
 def evenly_spaced_angles(n_views: int, angle_range: float) -> np.ndarray:
     """``n_views`` angles over ``[0, angle_range)`` (radians), endpoint excluded."""
     if int(n_views) < 1:
@@ -278,10 +285,7 @@ class ConeBeam(_Geometry):
     def _check_fields(self) -> None:
         super()._check_fields()
         for name in ("source_to_origin", "source_to_detector"):
-            value = float(getattr(self, name))
-            object.__setattr__(self, name, value)
-            if not (math.isfinite(value) and value > 0):
-                raise GeometryError(f"{name} must be a positive distance in mm, got {value}")
+            object.__setattr__(self, name, _distance(name, getattr(self, name)))
         if self.source_to_detector <= self.source_to_origin:
             raise GeometryError(f"source_to_detector ({self.source_to_detector} mm) must exceed source_to_origin "
                                 f"({self.source_to_origin} mm): the detector lies beyond the rotation axis")
@@ -319,9 +323,9 @@ class ConeBeam(_Geometry):
         extent = extent_for(shape, spacing_mm)
         sp = _triple("spacing_mm", spacing_mm)
         radius = 0.5 * math.hypot(extent[0], extent[1])
-        sod = float(source_to_origin) if source_to_origin is not None else 3.0 * max(radius, 1e-6)
-        sdd = float(source_to_detector) if source_to_detector is not None else 2.0 * sod
-        mag = sdd / sod if sod > 0 else 1.0
+        sod = _distance("source_to_origin", source_to_origin) if source_to_origin is not None else 3.0 * max(radius, 1e-6)
+        sdd = _distance("source_to_detector", source_to_detector) if source_to_detector is not None else 2.0 * sod
+        mag = sdd / sod
         dv, du = (_pair("detector_spacing", detector_spacing, float) if detector_spacing is not None
                   else (sp[2] * mag, min(sp[0], sp[1]) * mag))
         angles = evenly_spaced_angles(n_views, angle_range)
