@@ -76,36 +76,64 @@ def gaussian_glyph_polydata(centres_ras, axes_ras, scalars=None, *, sigma: float
     raise ValueError(f"glyph method must be 'numpy' or 'vtk', got {method!r}")
 
 
+def _vtk_array(vtk_class, tuples: int, components: int, name: str | None = None):
+    """A VTK array of the given size and a numpy view ``[tuples, components]`` of its memory (no copies)."""
+    _, ns = _vtk()
+    arr = vtk_class()
+    arr.SetNumberOfComponents(components)
+    arr.SetNumberOfTuples(tuples)
+    if name:
+        arr.SetName(name)
+    return arr, ns.vtk_to_numpy(arr).reshape(tuples, components)
+
+
+def _apply_rows(vectors: np.ndarray, mats: np.ndarray, out: np.ndarray) -> None:
+    """``out[n, m] = mats[n] @ vectors[m]`` as three broadcast multiply-adds (faster than a stacked matmul
+    of 3x3 matrices)."""
+    np.multiply(mats[:, None, :, 0], vectors[None, :, 0, None], out=out)
+    out += mats[:, None, :, 1] * vectors[None, :, 1, None]
+    out += mats[:, None, :, 2] * vectors[None, :, 2, None]
+
+
 def _glyphs_numpy(centres, axes, values, sigma, resolution, scalar_name):
-    """Fast path: every glyph's vertices as one einsum over the template sphere; cells by index offsets."""
+    """Fast path: every glyph's vertices as one batched matmul over the template sphere, written straight into
+    VTK-owned arrays; cells by index offsets."""
     vtk, ns = _vtk()
     template = sphere_source(resolution).GetOutput()
-    unit = ns.vtk_to_numpy(template.GetPoints().GetData()).astype(np.float64)  # [m, 3]
-    unit_normals = ns.vtk_to_numpy(template.GetPointData().GetNormals()).astype(np.float64)  # [m, 3]
+    unit = ns.vtk_to_numpy(template.GetPoints().GetData()).astype(np.float32)  # [m, 3]
+    unit_normals = ns.vtk_to_numpy(template.GetPointData().GetNormals()).astype(np.float32)  # [m, 3]
     tris = ns.vtk_to_numpy(template.GetPolys().GetConnectivityArray()).reshape(-1, 3)  # [t, 3]
-    n, m = len(centres), len(unit)
-    verts = centres[:, None, :] + unit @ (sigma * axes).transpose(0, 2, 1)  # [n, m, 3]: axes @ u per vertex
-    # normals transform with the inverse transpose of the axes matrix: (A^-T n)^T = n^T A^-1
-    normals = unit_normals @ np.linalg.inv(axes) if n else np.zeros((0, m, 3))  # [n, m, 3]
-    normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-    if n:  # like vtkTensorGlyph: a reflecting axes matrix flips the winding, so flip the normals with it
-        normals *= np.sign(np.linalg.det(axes))[:, None, None]
-    conn = (tris[None] + (m * np.arange(n, dtype=np.int64))[:, None, None]).reshape(-1)
-    offsets = np.arange(0, len(conn) + 1, 3, dtype=np.int64)
+    n, m, t = len(centres), len(unit), len(tris)
+
+    point_data, verts = _vtk_array(vtk.vtkFloatArray, n * m, 3)
+    verts = verts.reshape(n, m, 3)
+    _apply_rows(unit, (sigma * axes).astype(np.float32), out=verts)  # axes @ u per vertex
+    verts += centres.astype(np.float32)[:, None, :]
+    normal_data, normals = _vtk_array(vtk.vtkFloatArray, n * m, 3, "Normals")
+    normals = normals.reshape(n, m, 3)
+    if n:
+        # normals transform with the inverse transpose of the axes matrix: (A^-T u)^T = u^T A^-1
+        _apply_rows(unit_normals, np.linalg.inv(axes).transpose(0, 2, 1).astype(np.float32), out=normals)
+        # unit length; like vtkTensorGlyph, a reflecting axes matrix (det < 0) flips them with the winding
+        scale = np.sign(np.linalg.det(axes)).astype(np.float32)[:, None] / np.sqrt(
+            np.einsum("nmi,nmi->nm", normals, normals))
+        normals *= scale[..., None]
+    conn_data, conn = _vtk_array(vtk.vtkIdTypeArray, n * t * 3, 1)
+    np.add(tris[None], (m * np.arange(n, dtype=np.int64))[:, None, None], out=conn.reshape(n, t, 3))
+    offset_data, offsets = _vtk_array(vtk.vtkIdTypeArray, n * t + 1, 1)
+    offsets[:, 0] = np.arange(0, 3 * n * t + 1, 3)
+    scalar_data, scalars = _vtk_array(vtk.vtkFloatArray, n * m, 1, scalar_name)
+    scalars.reshape(n, m)[:] = values.astype(np.float32)[:, None]
 
     points = vtk.vtkPoints()
-    points.SetData(ns.numpy_to_vtk(verts.reshape(-1, 3).astype(np.float32), deep=True))
+    points.SetData(point_data)
     cells = vtk.vtkCellArray()
-    cells.SetData(ns.numpy_to_vtkIdTypeArray(offsets, deep=True), ns.numpy_to_vtkIdTypeArray(conn, deep=True))
+    cells.SetData(offset_data, conn_data)
     out = vtk.vtkPolyData()
     out.SetPoints(points)
     out.SetPolys(cells)
-    normal_array = ns.numpy_to_vtk(normals.reshape(-1, 3).astype(np.float32), deep=True)
-    normal_array.SetName("Normals")
-    out.GetPointData().SetNormals(normal_array)
-    scalar_array = ns.numpy_to_vtk(np.repeat(values.astype(np.float32), m), deep=True)
-    scalar_array.SetName(scalar_name)
-    out.GetPointData().SetScalars(scalar_array)
+    out.GetPointData().SetNormals(normal_data)
+    out.GetPointData().SetScalars(scalar_data)
     return out
 
 
