@@ -6,6 +6,7 @@ Commands are built here from the panel's settings and run through :class:`jobs.B
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from .jobs import BackgroundJob
 from .parameters import MedGMAEParameters, is_set
@@ -14,22 +15,36 @@ from .parameters import MedGMAEParameters, is_set
 class BackgroundLogic:
     """Train and Reconstruct panels: the ``medgmae`` CLI in a background process (``jobs.BackgroundJob``)."""
 
+    def resolve_device(self, device: str = "auto") -> str:
+        """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error."""
+        import torch
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: CUDA was requested but torch sees no CUDA device; choose 'auto' or 'cpu'")
+        return device
+
     def training_command(self, *, command: str = "pretrain", data_folder, out_dir, config: str = "tiny",
                          steps: int = 1000, device: str = "auto", resume: bool = False,
-                         pretrained: str | Path | None = None) -> list[str]:
-        """``medgmae pretrain|finetune`` arguments (without the Python prefix)."""
+                         pretrained: str | Path | None = None, extra_args: Sequence[str] = ()) -> list[str]:
+        """``medgmae pretrain|finetune`` arguments (without the Python prefix). ``data_folder`` may also be
+        ``phantom[:N]`` (generated phantoms); ``extra_args`` are passed through (e.g. ``--img-size 48``)."""
         MedGMAEParameters(trainCommand=command, trainConfig=config, trainSteps=steps, trainDevice=device)
-        if not is_set(data_folder) or not Path(data_folder).exists():
+        device = self.resolve_device(device)
+        is_phantom = str(data_folder).startswith("phantom")
+        if not is_phantom and (not is_set(data_folder) or not Path(data_folder).exists()):
             raise FileNotFoundError(f"training data folder {data_folder!s} does not exist")
         if not is_set(out_dir):
             raise ValueError("training output folder: choose a folder for checkpoints")
-        args = ["--data", str(data_folder), "--model", config, "--steps", str(int(steps)), "--device", device,
-                "--out-dir", str(out_dir)]
-        if resume:
-            args += ["--resume", "auto"]
-        if command == "finetune" and is_set(pretrained):
-            args += ["--pretrained", str(pretrained)]
-        return [command, *args]
+        if command == "pretrain":
+            args = ["--data", str(data_folder), "--model", config, "--steps", str(int(steps)), "--device", device,
+                    "--out-dir", str(out_dir), "--progress-json"] + (["--resume", "auto"] if resume else [])
+        else:  # medgmae finetune: UNETR from a pre-trained encoder
+            args = ["--data", str(data_folder), "--config", config, "--steps", str(int(steps)), "--device", device,
+                    "--out", str(out_dir), "--json-lines"] + (["--resume"] if resume else [])
+            if is_set(pretrained):
+                args += ["--encoder", str(pretrained)]
+        return [command, *args, *map(str, extra_args)]
 
     def start_training(self, *, start: bool = True, **kwargs):
         """Start pre-training / fine-tuning in a background process; returns the running ``BackgroundJob``."""
@@ -47,6 +62,58 @@ class BackgroundLogic:
     def run_training(self, *, timeout: float | None = None, **kwargs):
         """Blocking path for batch scripts: returns the ``JobResult``; raises with the error lines on failure."""
         result = self.start_training(**kwargs).wait_for_completion(timeout=timeout)
+        if not result.ok:
+            raise RuntimeError(result.error)
+        return result
+
+    # ------------------------------------------------------------------ reconstruct
+    def reconstruction_command(self, *, out_dir, source: str = "simulate", input_path=None, geometry: str = "parallel",
+                               views: int = 60, init: str = "medgmae", iterations: int = 300,
+                               checkpoint=None, device: str = "cpu", resume: bool = False,
+                               extra_args: Sequence[str] = ()) -> list[str]:
+        """``medgmae reconstruct`` arguments: ``input_path`` is the CT to simulate a scan from (``source="simulate"``)
+        or the projections file (``source="projections"``)."""
+        MedGMAEParameters(reconSource=source, reconGeometry=geometry, reconViews=views, reconInit=init,
+                          reconIterations=iterations)
+        device = self.resolve_device(device)
+        if not is_set(input_path) or not Path(input_path).exists():
+            what = "CT volume" if source == "simulate" else "projection file"
+            raise FileNotFoundError(f"reconstruction input: {what} {input_path!s} does not exist")
+        if not is_set(out_dir):
+            raise ValueError("reconstruction output folder: choose a folder")
+        args = ["reconstruct", str(input_path), "--out", str(out_dir), "--init", init, "--iters", str(int(iterations)),
+                "--device", device]
+        if source == "simulate":
+            args += ["--geometry", geometry, "--views", str(int(views))]
+        if init.startswith("medgmae") and is_set(checkpoint):
+            args += ["--checkpoint", str(checkpoint)]
+        if resume:
+            args += ["--resume"]
+        return args + [str(a) for a in extra_args]
+
+    def start_reconstruction(self, *, start: bool = True, **kwargs):
+        """Start ``medgmae reconstruct`` in a background process; returns the ``BackgroundJob``."""
+        argv = self.reconstruction_command(**kwargs)
+        Path(kwargs["out_dir"]).mkdir(parents=True, exist_ok=True)
+        job = BackgroundJob.cli(*argv, cwd=str(kwargs["out_dir"]))
+        return job.start() if start else job
+
+    def start_reconstruction_from_parameters(self, params: MedGMAEParameters, start: bool = True):
+        if not is_set(params.reconOutputFolder):
+            raise ValueError("reconstruction output folder: choose a folder")
+        if params.reconSource == "simulate":
+            input_path = self.write_input_ct(params.inputVolume, Path(params.reconOutputFolder) / "input_ct.nii.gz")
+        else:
+            input_path = params.projectionsPath
+        device = self.resolve_device(params.trainDevice)
+        return self.start_reconstruction(out_dir=params.reconOutputFolder, source=params.reconSource,
+                                         input_path=input_path, geometry=params.reconGeometry, views=params.reconViews,
+                                         init=params.reconInit, iterations=params.reconIterations,
+                                         checkpoint=params.checkpointPath, device=device, start=start)
+
+    def run_reconstruction(self, *, timeout: float | None = None, **kwargs):
+        """Blocking path for batch scripts: the ``JobResult``; raises with the error lines on failure."""
+        result = self.start_reconstruction(**kwargs).wait_for_completion(timeout=timeout)
         if not result.ok:
             raise RuntimeError(result.error)
         return result

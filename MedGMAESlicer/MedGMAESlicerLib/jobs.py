@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 IS_WINDOWS = sys.platform.startswith("win")
 
 EventCallback = Callable[[dict], None]
+PROGRESS_FLAGS = ("--progress-json", "--json-lines")  # the CLI's JSON-lines switches (finetune uses the second)
 
 
 class JobState(str, enum.Enum):
@@ -75,7 +76,7 @@ def python_executable() -> str:
 def cli_command(command: str, *args: str, python: str | None = None) -> list[str]:
     """Argument vector for ``medgmae <command> ... --progress-json`` run with Slicer's Python."""
     argv = [python or python_executable(), "-u", "-m", "medgmae_core.cli", command, *map(str, args)]
-    if "--progress-json" not in argv:
+    if not any(flag in argv for flag in PROGRESS_FLAGS):
         argv.append("--progress-json")
     return argv
 

@@ -154,6 +154,7 @@ class MedGMAELogic(BackgroundLogic):
         self.log_callback = log_callback or log.info
         self.last_mask: MaskPreview | None = None
         self.last_prediction: Prediction | None = None
+        self.last_reconstruction: ReconstructionResult | None = None
         self._model = self._model_config = self._model_key = self._model_path = None
 
     @property
@@ -193,15 +194,6 @@ class MedGMAELogic(BackgroundLogic):
                                  seed=params.seed, interactive=interactive)
 
     # ------------------------------------------------------------------ predict
-    def resolve_device(self, device: str = "auto") -> str:
-        """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error."""
-        import torch
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: CUDA was requested but torch sees no CUDA device; choose 'auto' or 'cpu'")
-        return device
-
     def load_model(self, checkpoint: str | Path | None, device: str = "auto"):
         """``(model, config)`` through ``medgmae_core.train.checkpoint.load_model``; cached per file and device."""
         from medgmae_core.train.checkpoint import load_model
@@ -212,7 +204,11 @@ class MedGMAELogic(BackgroundLogic):
                                     "the bundled demo weights)")
         key = (str(path.resolve()), path.stat().st_mtime, self.resolve_device(device))
         if self._model_key != key:
-            self._model, self._model_config = load_model(path, device=key[2])
+            model, config = load_model(path, device=key[2])
+            if not config.is_gaussian:
+                raise ValueError(f"checkpoint {path}: a {config.objective!r} model predicts no Gaussians; choose a "
+                                 "MedGMAE (gaussian / gaussian_star) checkpoint")
+            self._model, self._model_config = model, config
             self._model_key = key
             self._model_path = path
         return self._model, self._model_config
@@ -408,6 +404,50 @@ class MedGMAELogic(BackgroundLogic):
                                   mask_path=self._export_path(params.exportDirectory, "_mask.nii.gz"))
         return "Wrote " + ", ".join(str(p) for p in paths)
 
+    # ------------------------------------------------------------------ reconstruct results
+    def write_input_ct(self, volume_node, path: str | Path) -> Path:
+        """The CT a scan is simulated from, as NIfTI for the ``medgmae reconstruct`` process."""
+        from medgmae_core.export.nifti import write_volume
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return write_volume(path, array_ijk(volume_node), ijk_to_ras(volume_node), kind="prediction")
+
+    def load_reconstruction_result(self, result_or_folder) -> str:
+        """Show a finished reconstruction: the volume (HU when known) and the PSNR curve (table + plot chart)."""
+        import json
+
+        from medgmae_core.export.nifti import read_volume_array
+
+        folder = Path(result_or_folder.outputs().get("out", "") if hasattr(result_or_folder, "outputs")
+                      else result_or_folder)
+        volume_path = next((folder / n for n in ("reconstruction_hu.nii.gz", "reconstruction.nii.gz")
+                            if (folder / n).is_file()), None)
+        if volume_path is None:
+            raise FileNotFoundError(f"no reconstruction.nii.gz in {folder}")
+        array, affine = read_volume_array(volume_path)
+        node = add_volume(self.scene, array, affine, f"MedGMAE reconstruction ({folder.name})")
+        metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        history = [h for h in metrics.get("history", []) if "psnr" in h]
+        self.last_reconstruction = ReconstructionResult(node, None, None, metrics)
+        if history:
+            table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName("MedGMAE PSNR"))
+            _slicer().util.updateTableFromArray(
+                table, [np.array([h["iteration"] for h in history], dtype=np.float64),
+                        np.array([float(h["psnr"]) for h in history], dtype=np.float64)], ["iteration", "PSNR (dB)"])
+            series = self.scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", "PSNR")
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("iteration")
+            series.SetYColumnName("PSNR (dB)")
+            series.SetPlotType(series.PlotTypeScatter)
+            chart = self.scene.AddNewNodeByClass("vtkMRMLPlotChartNode", self.scene.GenerateUniqueName("MedGMAE PSNR curve"))
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            chart.SetXAxisTitle("iteration")
+            chart.SetYAxisTitle("PSNR (dB)")
+            self.last_reconstruction.psnr_table, self.last_reconstruction.chart = table, chart
+            _show_chart(chart)
+        set_slice_layers(self.scene, background=node)
+        final = f", PSNR {metrics['psnr']:.2f} dB" if isinstance(metrics.get("psnr"), (int, float)) else ""
+        return f"Loaded {volume_path.name} from {folder}{final}."
+
     def status_text(self) -> str:
         p = self.last_prediction
         if p is None:
@@ -419,6 +459,23 @@ class MedGMAELogic(BackgroundLogic):
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "volume"
+
+
+def _show_chart(chart) -> None:
+    """Show a plot chart in the app's plot view (no-op headless)."""
+    try:
+        import slicer
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+    except (AttributeError, ImportError):
+        pass
+
+
+@dataclass
+class ReconstructionResult:
+    volume_node: object
+    psnr_table: object
+    chart: object
+    metrics: dict
 
 
 def _translation(offset) -> np.ndarray:
@@ -461,11 +518,9 @@ class Prediction:
 
 
 def default_checkpoint() -> Path:
-    """The bundled demo weights (``medgmae_core/weights/``)."""
-    import medgmae_core
-    weights = Path(medgmae_core.__file__).resolve().parent / "weights"
-    found = sorted(weights.glob("*.pt"))
-    if not found:
-        raise FileNotFoundError(f"no bundled demo weights in {weights}; choose a checkpoint file")
-    return found[0]
+    """The bundled demo weights (``medgmae_core.demo.BUNDLED_WEIGHTS``; demo weights, not the paper's)."""
+    from medgmae_core.demo import BUNDLED_WEIGHTS
+    if not BUNDLED_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the bundled demo weights are missing ({BUNDLED_WEIGHTS}); choose a checkpoint file")
+    return BUNDLED_WEIGHTS
 
