@@ -83,13 +83,14 @@ def voxel_map(from_affine: np.ndarray, to_affine: np.ndarray) -> np.ndarray:
 
 
 def resample_nearest(array: np.ndarray, affine: np.ndarray, out_shape, out_affine: np.ndarray,
-                     *, fill: int = 0) -> np.ndarray:
-    """Nearest-neighbour resampling of a label array onto another grid (exact output shape)."""
+                     *, fill: int = 0, mode: str = "constant") -> np.ndarray:
+    """Nearest-neighbour resampling of a label array onto another grid (exact output shape).
+    ``mode="nearest"`` extends edge labels to output voxels just outside the input grid."""
     from scipy import ndimage
 
     m = voxel_map(affine, out_affine)
     return ndimage.affine_transform(array, m[:3, :3], m[:3, 3], output_shape=tuple(int(s) for s in out_shape),
-                                    order=0, mode="constant", cval=fill)
+                                    order=0, mode=mode, cval=fill)
 
 
 def reorient_to(array: np.ndarray, affine: np.ndarray, ref_shape, ref_affine: np.ndarray, *,

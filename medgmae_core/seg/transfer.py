@@ -17,6 +17,7 @@ unexpected and adapted. Missing or unexpected encoder weights and a patch-size o
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import re
@@ -183,11 +184,14 @@ def read_pretrained(source: str | Path | Mapping[str, Any]) -> PretrainedEncoder
         if not path.is_file():
             raise FileNotFoundError(f"encoder checkpoint not found: {path}")
         try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=False)
+            # weights only (never runs code); MAE-style files may also hold their argparse Namespace
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
-        if isinstance(raw, Mapping) and raw.get("format") == CHECKPOINT_FORMAT:
-            from ..train.checkpoint import load_checkpoint  # validates our format, clear errors
+            raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if isinstance(raw, Mapping) and "format" in raw:
+            from ..train.checkpoint import load_checkpoint  # checks our format, clear errors
 
             raw = load_checkpoint(path)
     else:

@@ -1,0 +1,151 @@
+"""``medgmae segment CT --checkpoint C --out seg.nii.gz``: segment a CT file or DICOM folder.
+
+1. load (NIfTI via nibabel; NRRD/MHA/DICOM series via SimpleITK), check it is a CT;
+2. the fine-tuning pipeline's deterministic part: RAS, the checkpoint's spacing, HU window;
+3. sliding-window inference over the checkpoint's window with overlap (Gaussian blending);
+4. argmax, then the label map is resampled back onto the input's exact grid and affine (nearest
+   neighbour), written as NIfTI, with the label names in ``<out>.labels.json`` beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import resample_nearest, write_nifti
+from .labels import LabelMap, sidecar_path
+from .unetr import UNETR, build_unetr
+
+SEG_TASK = "segmentation"
+
+
+@dataclass
+class Segmenter:
+    """A fine-tuned UNETR with what inference needs: labels, spacing, window, HU window."""
+
+    model: UNETR
+    labels: LabelMap
+    spacing_mm: tuple[float, float, float] | None
+    hu_window: tuple[float, float]
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        return tuple(self.model.encoder_config.img_size)  # type: ignore[return-value]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Segmenter":
+        from ..train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path, map_location="cpu")
+        return cls.from_state(ckpt, origin=str(path), device=device)
+
+    @classmethod
+    def from_state(cls, ckpt: dict[str, Any], *, origin: str = "checkpoint",
+                   device: str | torch.device = "cpu") -> "Segmenter":
+        extra = ckpt.get("extra") or {}
+        if extra.get("task") != SEG_TASK:
+            raise ValueError(f"{origin} is not a fine-tuned segmentation checkpoint (it has no UNETR; "
+                             "pre-trained encoders are fine-tuned first with `medgmae finetune`)")
+        model = build_unetr(ckpt["model_config"], extra["architecture"])
+        model.load_state_dict(ckpt["model"])
+        model.to(device).eval()
+        spacing = extra.get("spacing_mm")
+        return cls(model, LabelMap.from_dict(extra["labels"], origin=f"{origin} labels"),
+                   tuple(float(s) for s in spacing) if spacing else None,
+                   tuple(float(w) for w in extra.get("hu_window", (-175.0, 250.0))))  # type: ignore[arg-type]
+
+    # -------------------------------------------------------------- pipeline
+    def load(self, path: str | Path):
+        """The CT as loaded (MetaTensor ``[1, X, Y, Z]`` in HU on the file's grid)."""
+        from monai.transforms import Compose
+
+        from ..data.transforms import load_transforms
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"input CT not found: {path}")
+        return Compose(load_transforms())({"image": str(path)})["image"]
+
+    def preprocess(self, image):
+        """HU MetaTensor on its grid -> windowed MetaTensor in RAS at the model's spacing."""
+        from ..data.transforms import inference_transforms
+
+        return inference_transforms(self.spacing_mm, load=False, window=self.hu_window)({"image": image})["image"]
+
+    @torch.no_grad()
+    def predict_logits(self, image: torch.Tensor, *, overlap: float = 0.5, sw_batch_size: int = 1) -> torch.Tensor:
+        """Windowed ``[1, X, Y, Z]`` -> logits ``[C, X, Y, Z]`` by sliding-window inference."""
+        from monai.inferers import sliding_window_inference
+
+        device = next(self.model.parameters()).device
+        x = torch.as_tensor(image, dtype=torch.float32).as_subclass(torch.Tensor)[None].to(device)  # [1, 1, X, Y, Z]
+        logits = sliding_window_inference(x, self.roi_size, sw_batch_size, self.model, overlap=overlap,
+                                          mode="gaussian", padding_mode="constant", cval=0.0)
+        return logits[0].as_subclass(torch.Tensor) if hasattr(logits, "as_subclass") else logits[0]
+
+    def segment_file(self, path: str | Path, *, overlap: float = 0.5, sw_batch_size: int = 1
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Label map ``[X, Y, Z]`` (uint8/uint16) on the input's own grid, and that grid's affine."""
+        original = self.load(path)
+        orig_affine = np.asarray(original.affine, dtype=np.float64)
+        orig_shape = tuple(int(s) for s in original.shape[1:])
+        image = self.preprocess(original)
+        work_affine = np.asarray(image.affine, dtype=np.float64)
+        labels = self.predict_logits(image, overlap=overlap, sw_batch_size=sw_batch_size).argmax(0)
+        labels = labels.cpu().numpy().astype(np.uint8 if self.labels.num_classes <= 256 else np.uint16)
+        back = resample_nearest(labels, work_affine, orig_shape, orig_affine, mode="nearest")
+        return back, orig_affine
+
+
+def segment(input_path: str | Path, checkpoint: str | Path, out: str | Path, *, overlap: float = 0.5,
+            sw_batch_size: int = 1, device: str = "cpu") -> dict[str, Any]:
+    """Segment ``input_path`` and write ``out`` (NIfTI) plus ``<out>.labels.json``; returns a summary."""
+    t0 = time.time()
+    out = Path(out)
+    if not str(out).endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--out must be a NIfTI path (.nii or .nii.gz), got {out}")
+    seg = Segmenter.from_checkpoint(checkpoint, device=device)
+    labels, affine = seg.segment_file(input_path, overlap=overlap, sw_batch_size=sw_batch_size)
+    write_nifti(labels, affine, out)
+    seg.labels.save_json(sidecar_path(out))
+    counts = {seg.labels.names[i]: int((labels == i).sum()) for i in seg.labels.ids}
+    return {"output": str(out), "labels_json": str(sidecar_path(out)), "shape": list(labels.shape),
+            "voxels": counts, "seconds": round(time.time() - t0, 2)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="CT: NIfTI/NRRD/MHA file or a DICOM series folder")
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint from `medgmae finetune`")
+    parser.add_argument("--out", required=True, help="output label map (.nii.gz); names go to <out>.labels.json")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--json-lines", action="store_true", help="JSON-lines progress on stdout")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..progress import ProgressReporter
+
+    if not 0.0 <= args.overlap < 1.0:
+        raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.sw_batch_size < 1:
+        raise ValueError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
+    reporter = ProgressReporter("segment", 1, json_lines=args.json_lines)
+    reporter.start(input=str(args.input), checkpoint=str(args.checkpoint))
+    try:
+        result = segment(args.input, args.checkpoint, args.out, overlap=args.overlap,
+                         sw_batch_size=args.sw_batch_size, device=args.device)
+    except Exception as exc:
+        reporter.error(str(exc))
+        raise
+    reporter.progress(1)
+    reporter.done(**result)
+    if not args.json_lines:
+        print(json.dumps(result, indent=1))
+    return 0
