@@ -3,65 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from MedGMAESlicerLib.headless import load_mrb
 from MedGMAESlicerLib.logic import MedGMAELogic, add_volume, array_ijk, ijk_to_ras, patch_mask
+from MedGMAESlicerLib.selftest import BlobFinder, blob_volume, oblique_lps_affine, run_self_tests
 
 
 # ----------------------------------------------------------------------------- helpers
 def _composites(scene):
     return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
-
-
-def _rotation(axis, degrees):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.radians(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-
-
-def oblique_lps_affine():
-    """LPS-flipped, rotated 25 degrees about an oblique axis, anisotropic spacing."""
-    a = np.eye(4)
-    a[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ _rotation([1, 2, 3], 25) @ np.diag([2.0, 1.5, 2.5])
-    a[:3, 3] = [12.0, -30.0, 45.0]
-    return a
-
-
-def blob_volume(shape=(40, 36, 28), centre=(25.0, 12.0, 9.0), sigma=2.0):
-    """Soft tissue (40 HU) with one bright blob (+400 HU) at a voxel position, and a slab of air at i < 3."""
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
-    r2 = ((grid - np.asarray(centre)) ** 2).sum(-1)
-    hu = 40.0 + 400.0 * np.exp(-r2 / (2 * sigma ** 2))
-    hu[:3] = -1000.0
-    return hu.astype(np.float32)
-
-
-class BlobFinder(torch.nn.Module):
-    """A known-answer "model": one Gaussian at the centroid of the window's bright voxels."""
-
-    def __init__(self, n=32, scale=0.03):
-        super().__init__()
-        from types import SimpleNamespace
-        self.config = SimpleNamespace(img_size=(n, n, n))
-        self.scale = scale
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def predict_gaussians(self, x, mask_ratio=0.0, generator=None):
-        from medgmae_core.gaussians import GaussianSet
-        vol = x[0, 0].double()
-        weights = (vol - vol.median()).clamp_min(0)  # above the soft-tissue background
-        weights = weights * (weights >= 0.5 * weights.max())
-        idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in vol.shape], indexing="ij"), -1)
-        centre = (idx * weights[..., None]).sum((0, 1, 2)) / weights.sum() / (torch.tensor(vol.shape) - 1)
-        return GaussianSet(centre.float().view(1, 1, 3), torch.full((1, 1, 3), self.scale),
-                           torch.tensor([[[1.0, 0, 0, 0]]]), torch.ones(1, 1))
-
-    def render(self, gaussians):
-        from medgmae_core.render import render_volume
-        return render_volume(gaussians, self.config.img_size, backend="torch")[:, None]
 
 
 # ----------------------------------------------------------------------------- mask
@@ -219,3 +170,11 @@ def test_export_mrb_round_trip_and_3d_view(session, small_real_ct, tiny_checkpoi
     background = rgb[0, 0].astype(int)
     differs = np.abs(rgb.astype(int) - background).sum(-1) > 30
     assert png.stat().st_size > 1000 and differs.mean() > 0.01, differs.mean()
+
+
+def test_module_self_tests_run_headless(session):
+    """What the module's Test class runs inside Slicer, here on slicer-core."""
+    messages = []
+    run_self_tests(session.scene, report=messages.append)
+    assert messages[0] == "mask preview OK" and "glyph lands" in messages[1]
+    assert "24 Gaussians" in messages[3] and messages[-1].startswith("background job")
