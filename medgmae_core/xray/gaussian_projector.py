@@ -185,14 +185,27 @@ def splat_torch(params: torch.Tensor, rows: int, cols: int, cutoff: float, max_p
 
 def _patch_values(p: torch.Tensor, image: torch.Tensor, row0: torch.Tensor, col0: torch.Tensor, sr: int, sc: int,
                   rows: int, cols: int, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat pixel indices and values ``[n*sr*sc]`` of ``n`` patches of ``sr x sc``."""
-    pr = row0[:, None] + torch.arange(sr, device=p.device)  # [n, sr]
-    pc = col0[:, None] + torch.arange(sc, device=p.device)  # [n, sc]
-    d_row = (pr.to(p.dtype) - p[:, 1:2])[:, :, None]  # [n, sr, 1]
-    d_col = (pc.to(p.dtype) - p[:, 0:1])[:, None, :]  # [n, 1, sc]
-    maha = splat_exponent(p[:, None, None, :], d_col, d_row)  # [n, sr, sc]
-    val = p[:, 5, None, None] * torch.exp(-0.5 * maha) * (maha <= cutoff * cutoff)
-    index = (image[:, None, None] * rows + pr[:, :, None]) * cols + pc[:, None, :]
+    """Flat pixel indices and values ``[n*sr*sc]`` of ``n`` patches of ``sr x sc``.
+
+    The Mahalanobis distance is a quadratic in the patch's own (centred) pixel
+    coordinates, so all patches of a bucket are one GEMM: coefficients ``[n, 6]``
+    times monomials ``[6, sr*sc]`` of (1, i, j, i^2, ij, j^2).
+    """
+    ii, jj = torch.meshgrid(torch.arange(sr, device=p.device), torch.arange(sc, device=p.device), indexing="ij")
+    i = (ii.reshape(-1) - (sr - 1) / 2).to(p.dtype)  # [P] centred patch row
+    j = (jj.reshape(-1) - (sc - 1) / 2).to(p.dtype)
+    monomials = torch.stack([torch.ones_like(i), i, j, i * i, i * j, j * j])  # [6, P]
+    f_r = p[:, 1] - row0.to(p.dtype) - (sr - 1) / 2  # [n] centre in patch coordinates
+    f_c = p[:, 0] - col0.to(p.dtype) - (sc - 1) / 2
+    p_cc, p_cr, p_rr = p[:, 2], p[:, 3], p[:, 4]
+    coeffs = torch.stack([p_cc * f_c * f_c + 2 * p_cr * f_r * f_c + p_rr * f_r * f_r,
+                          -2 * (p_cr * f_c + p_rr * f_r), -2 * (p_cc * f_c + p_cr * f_r),
+                          p_rr, 2 * p_cr, p_cc], dim=1)  # [n, 6]
+    exponent = (-0.5 * coeffs) @ monomials  # [n, P] = -maha / 2
+    inside = exponent >= -0.5 * cutoff * cutoff
+    val = torch.where(inside, torch.exp(exponent), torch.zeros((), dtype=p.dtype, device=p.device)) * p[:, 5:6]
+    offsets = (ii * cols + jj).reshape(-1)  # [P]
+    index = ((image * rows + row0) * cols + col0)[:, None] + offsets  # [n, P]
     return index.reshape(-1), val.reshape(-1)
 
 

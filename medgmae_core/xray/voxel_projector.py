@@ -84,10 +84,11 @@ def rays(geometry, views: slice, rows: slice, dtype, device) -> tuple[torch.Tens
 def sample_rays(volume: torch.Tensor, geometry, sampling: RaySampling, views: slice, rows: slice) -> torch.Tensor:
     """Line integrals for one block: volume ``[B, D, H, W]`` -> ``[B, C, R, cols]``."""
     origin, direction = rays(geometry, views, rows, volume.dtype, volume.device)  # [C, R, cols, 3]
+    to_grid = (2.0 / geometry.extent_tensor(volume.dtype, volume.device)).flip(-1)  # mm -> [-1, 1], (W, H, D) order
+    origin, direction = origin.flip(-1) * to_grid, direction.flip(-1) * to_grid
     t = sampling.t0 + (torch.arange(sampling.n, dtype=volume.dtype, device=volume.device) + 0.5) * sampling.step
-    points = origin[..., None, :] + t[:, None] * direction[..., None, :]  # [C, R, cols, n, 3] mm
-    grid = points * (2.0 / geometry.extent_tensor(volume.dtype, volume.device))  # [-1, 1] over the voxel centres
-    grid = grid.flip(-1).reshape(1, -1, sampling.n, 1, 3)  # grid_sample wants (W, H, D) order
+    grid = torch.addcmul(origin[..., None, :], t[:, None], direction[..., None, :])  # [C, R, cols, n, 3]
+    grid = grid.reshape(1, -1, sampling.n, 1, 3)
     samples = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     line = samples.sum(dim=(-2, -1)) * sampling.step  # [1, B, C*R*cols]
     return line.reshape(volume.shape[0], *origin.shape[:3])
