@@ -25,8 +25,9 @@ each Gaussian since the last round decides; above ``grad_threshold`` a
 Gaussian is cloned when small (largest scale <= ``split_scale_voxels``) or
 split in two when large (children drawn from the parent, scales / 1.6). A
 clone and its parent each keep half the intensity (the volume is unchanged); a
-split's children carry half the parent's mass each (intensity x 1.6^3 / 2,
-capped below ``max_intensity``). The growth per round is capped at
+split's children keep the parent's intensity times ``split_intensity`` (1 =
+3DGS, which keeps the opacity; 1.6^3 / 2 = 2.05 would conserve the mass, at the
+price of spikes twice the parent's peak). The growth per round is capped at
 ``max_growth`` of the current count and the total at ``max_gaussians``
 (largest gradients first). Pruned: intensity below ``prune_intensity`` x
 ``max_intensity`` or largest scale below ``prune_scale_voxels``.
@@ -65,6 +66,7 @@ class FitConfig:
     densify_until: int | None = None       # None = 80% of iters
     grad_threshold: float = 2e-4           # mean |d loss / d mu| (normalised units) to densify
     split_scale_voxels: float = 1.5        # larger Gaussians are split, smaller cloned
+    split_intensity: float = 1.0           # children's intensity relative to the parent's
     max_growth: float = 0.5                # at most this fraction added per round
     max_gaussians: int = 300_000
     prune_intensity: float = 1e-3          # relative to max_intensity
@@ -246,7 +248,7 @@ def densify_and_prune(params: GaussianParams, optimizer: torch.optim.Adam, stats
         rot = GaussianSet(xyz[None, split_idx], s[None], raw_rot[None, split_idx], intens[None, split_idx]).rotations()[0]
         noise = torch.randn((2,) + s.shape, generator=generator, dtype=s.dtype, device="cpu").to(s.device)
         child_xyz = (xyz[split_idx][None] + torch.einsum("kij,nkj->nki", rot, noise * s[None])).clamp(0, 1)
-        child_frac = (torch.sigmoid(raw_int[split_idx]) * SPLIT_SCALE_FACTOR ** 3 / 2).clamp(1e-6, 0.95)
+        child_frac = (torch.sigmoid(raw_int[split_idx]) * config.split_intensity).clamp(1e-6, 1 - 1e-4)
         child = {
             "xyz": child_xyz.reshape(-1, 3),
             "raw_scale": (raw_scale[split_idx] - math.log(SPLIT_SCALE_FACTOR)).repeat(2, 1),

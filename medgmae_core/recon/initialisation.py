@@ -17,8 +17,10 @@ the right mass and differs only in *where* and *how shaped* its Gaussians are.
   the 3-nearest-neighbour distance (local density), intensity = FBP value.
 * ``medgmae``: the FBP is expressed in HU (``mu_water``; percentiles when the
   units are unknown), HU-windowed to [0, 1] like the model's training data,
-  cut into overlapping model-size windows and predicted per window by
-  ``medgmae_core.inference`` (merged into whole-volume coordinates). The
+  resampled to the model's 1.5 mm grid (corner-aligned: normalised coordinates
+  are unchanged), cut into overlapping model-size windows and predicted per
+  window by ``medgmae_core.inference.predict_volume`` (merged into whole-volume
+  coordinates without double counting). The
   prediction lives in windowed units rendered with the model's convention
   (amplitude c_model); it is converted to attenuation by
   ``I_recon = I_model * c_model * (mu_hi - mu_lo)`` with ``mu_lo, mu_hi`` the
@@ -156,15 +158,40 @@ def fbp_to_window(fbp_volume: torch.Tensor, mu_water: float | None,
     return ((vol - mu_lo) / (mu_hi - mu_lo)).clamp(0, 1), float(mu_lo), float(mu_hi)
 
 
+def resample_corner_aligned(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Trilinear resampling keeping the first and last voxel centres, so normalised coordinates are unchanged."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(volume.shape) == shape:
+        return volume
+    out = torch.nn.functional.interpolate(volume[None, None].float(), size=shape, mode="trilinear",
+                                          align_corners=True)
+    return out[0, 0]
+
+
+def model_grid_shape(shape: Sequence[int], spacing_mm: Sequence[float], model_spacing_mm: float | None) -> tuple:
+    """The grid over the same extent at the model's spacing (corner-aligned)."""
+    if model_spacing_mm is None:
+        return tuple(int(n) for n in shape)
+    if not model_spacing_mm > 0:
+        raise ValueError(f"model_spacing_mm must be positive, got {model_spacing_mm}")
+    return tuple(max(2, int(round((n - 1) * s / model_spacing_mm)) + 1) for n, s in zip(shape, spacing_mm))
+
+
 def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoint, *, mu_water: float | None,
-                 overlap: float = 0.25, device: str = "cpu", expect_star: bool | None = None) -> GaussianSet:
+                 overlap: int | None = None, model_spacing_mm: float | None = 1.5, device: str = "cpu",
+                 expect_star: bool | None = None) -> GaussianSet:
     """Zero-shot MedGMAE initialisation (see the module doc).
 
     ``checkpoint``: a path for ``medgmae_core.train.checkpoint.load_model`` or an
-    already loaded ``(model, config)`` pair. ``expect_star`` checks the
-    checkpoint's kind (True for ``medgmae*``).
+    already loaded ``(model, config)`` pair. The windowed FBP is resampled
+    (corner-aligned, so normalised coordinates do not change) to
+    ``model_spacing_mm`` (the pre-training spacing; None keeps the FBP's grid),
+    then predicted in overlapping ``config.img_size`` windows (``overlap`` voxels,
+    default a quarter window) and merged by ``inference.predict_volume``.
+    Gaussians centred outside the volume (windows padded past its edge) are dropped.
+    ``expect_star`` checks the checkpoint's kind (True for ``medgmae*``).
     """
-    from ..inference import predict_volume_gaussians
+    from ..inference import predict_volume
     from ..render.conventions import get_convention
 
     if isinstance(checkpoint, (tuple, list)):
@@ -177,15 +204,25 @@ def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoi
     if objective == "voxel":
         raise ValueError(f"{checkpoint}: a voxel-MAE checkpoint predicts no Gaussians; use a MedGMAE or MedGMAE* one")
     if expect_star is not None and (objective == "gaussian_star") != expect_star:
-        want = "a MedGMAE* (gaussian_star)" if expect_star else "a MedGMAE (gaussian)"
+        want = "a MedGMAE* (objective gaussian_star)" if expect_star else "a MedGMAE (objective gaussian)"
         raise ValueError(f"--init {'medgmae*' if expect_star else 'medgmae'} needs {want} checkpoint, "
                          f"got objective {objective!r}")
-    windowed, mu_lo, mu_hi = fbp_to_window(fbp_volume, mu_water)
-    pred = predict_volume_gaussians(model, windowed, spacing_mm=spacing_mm, overlap=overlap, config=config)
+    vol = torch.as_tensor(fbp_volume).detach().float().cpu()
+    windowed, mu_lo, mu_hi = fbp_to_window(vol, mu_water)
+    grid = model_grid_shape(vol.shape, spacing_mm, model_spacing_mm)
+    model_input = resample_corner_aligned(windowed, grid)
+    window = tuple(int(n) for n in config.img_size)
+    ov = max(0, min(window) // 4) if overlap is None else int(overlap)
+    pred = predict_volume(model, model_input, overlap=ov).gaussians.detach().to(torch.float32)
+    inside = ((pred.centres[0] >= 0) & (pred.centres[0] <= 1)).all(-1)
+    pred = pred.select(inside)
+    if pred.num_gaussians == 0:
+        raise ValueError("the model predicted no Gaussians inside the volume")
     amplitude = get_convention(getattr(config, "render_convention", "paper")).amplitude
     scale = amplitude * (mu_hi - mu_lo)
-    g = pred.detach().to(torch.float32)
-    return GaussianSet(g.centres.clamp(0, 1), g.scales, g.quaternions, g.intensities.clamp_min(0) * scale)
+    log.info("medgmae init: %d Gaussians from %s windows on a %s grid; intensity x %.4g", pred.num_gaussians,
+             window, grid, scale)
+    return GaussianSet(pred.centres, pred.scales, pred.quaternions, pred.intensities.clamp_min(1e-8) * scale)
 
 
 # ------------------------------------------------------------- calibration
@@ -206,8 +243,8 @@ def calibrate_intensities(gaussians: GaussianSet, project: Callable[[GaussianSet
 
 
 def initialise(method: str, *, fbp_volume: torch.Tensor, extent_mm: Sequence[float], num_gaussians: int,
-               checkpoint=None, mu_water: float | None = None, seed: int = 0, overlap: float = 0.25,
-               device: str = "cpu") -> GaussianSet:
+               checkpoint=None, mu_water: float | None = None, seed: int = 0, overlap: int | None = None,
+               model_spacing_mm: float | None = 1.5, device: str = "cpu") -> GaussianSet:
     """Dispatch on ``method`` in :data:`INIT_METHODS` (before calibration)."""
     method = method.lower()
     if method not in INIT_METHODS:
@@ -219,9 +256,10 @@ def initialise(method: str, *, fbp_volume: torch.Tensor, extent_mm: Sequence[flo
     if checkpoint is None:
         raise ValueError(f"--init {method} needs a model checkpoint (--checkpoint PATH)")
     spacing = _extent(extent_mm) / (np.asarray(fbp_volume.shape[-3:]) - 1)
-    return init_medgmae(fbp_volume, tuple(spacing), checkpoint, mu_water=mu_water, overlap=overlap, device=device,
-                        expect_star=(method == "medgmae*"))
+    return init_medgmae(fbp_volume, tuple(spacing), checkpoint, mu_water=mu_water, overlap=overlap,
+                        model_spacing_mm=model_spacing_mm, device=device, expect_star=(method == "medgmae*"))
 
 
 __all__ = ["INIT_METHODS", "init_random", "init_fbp", "init_medgmae", "fbp_to_window", "calibrate_intensities",
-           "initialise", "knn_scales", "gradient_magnitude"]
+           "initialise", "knn_scales", "gradient_magnitude",
+           "resample_corner_aligned", "model_grid_shape"]

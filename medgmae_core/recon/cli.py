@@ -1,0 +1,345 @@
+"""``medgmae reconstruct``: 3DGR-CT Gaussian reconstruction from X-ray projections.
+
+Input is either a CT volume (``.nii``/``.nii.gz``/``.nrrd``/``.mha``, HU), from
+which a scan is simulated (``--geometry``, ``--views``, ``--noise``), or
+projection data (``.npz``/``.h5``, see ``medgmae_core.recon.io``; APS
+data-exchange HDF5 such as the tomopy tooth is recognised). The pipeline:
+FBP/FDK -> initial Gaussians (``--init``) -> intensity calibration -> 3DGR-CT fit.
+
+Outputs in ``--out``: ``reconstruction.nii.gz`` (attenuation, 1/mm, on the
+input's grid; plus ``reconstruction_hu.nii.gz`` when the units are known),
+``fbp.nii.gz``, ``gaussians.ply``, ``metrics.json``, ``reconstruction.png``
+(PSNR curve and slices side by side) and ``recon_checkpoint.pt`` (for
+``--resume``). Progress goes to stdout as JSON lines with ``--progress-json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fit import FitConfig, GaussianParams, ReconstructionFit
+from .initialisation import INIT_METHODS, calibrate_intensities, initialise
+from .io import ProjectionData, is_data_exchange, load_projections, mu_to_hu, save_projections, simulate_from_ct
+from .metrics import psnr, ssim
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "recon_checkpoint.pt"
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PROJECTION_SUFFIXES = (".npz", ".h5", ".hdf5", ".hdf")
+FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_tiny.pt"
+
+
+# ------------------------------------------------------------------ pieces
+class GeometryProjector:
+    """``project(gaussians, views)`` for the fit: analytic line integrals of a subset of views."""
+
+    def __init__(self, geometry, *, backend: str = "auto", cutoff: float = 3.0) -> None:
+        self.geometry = geometry
+        self.backend = backend
+        self.cutoff = cutoff
+
+    def __call__(self, gaussians, views: torch.Tensor | None = None) -> torch.Tensor:
+        from ..xray.gaussian_projector import project_gaussians
+
+        geom = self.geometry if views is None else self.geometry.copy_with(angles=self.geometry.angles[views.cpu()])
+        return project_gaussians(gaussians, geom, cutoff=self.cutoff, backend=self.backend)
+
+
+def analytic_reconstruction(data: ProjectionData, filter_name: str = "ram-lak") -> torch.Tensor:
+    """FBP (parallel) or FDK (cone) of the measured projections -> ``[D, H, W]``."""
+    from ..xray.fbp import reconstruct_analytic
+
+    if filter_name not in FILTERS:
+        raise ValueError(f"--filter must be one of {FILTERS}, got {filter_name!r}")
+    return reconstruct_analytic(data.projections[None], data.geometry, data.volume_shape, filter=filter_name)[0]
+
+
+def default_max_intensity(fbp_volume: torch.Tensor) -> float:
+    """The intensity bound of the parameterisation: 2 x the FBP's 99.9th percentile (a Gaussian never needs
+    more than the brightest voxel; overlapping ones need less)."""
+    sample = fbp_volume.flatten()[:: max(1, fbp_volume.numel() // 1_000_000)].float()
+    top = float(torch.quantile(sample, 0.999))
+    if not top > 0:
+        raise ValueError("the FBP has no positive values; are the projections line integrals (-log of transmission)?")
+    return 2.0 * top
+
+
+def is_volume_path(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES) or path.is_dir()
+
+
+def load_input(args) -> ProjectionData:
+    path = Path(args.input)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if is_volume_path(path):
+        options = {}
+        if args.sod is not None:
+            options["source_to_origin"] = args.sod
+        if args.sdd is not None:
+            options["source_to_detector"] = args.sdd
+        if options and args.geometry != "cone":
+            raise ValueError("--sod/--sdd only apply to --geometry cone")
+        return simulate_from_ct(path, crop=args.crop, downsample=args.downsample, geometry=args.geometry,
+                                views=args.views, noise_i0=args.noise, seed=args.seed, **options)
+    if path.name.lower().endswith(PROJECTION_SUFFIXES):
+        if is_data_exchange(path):
+            return load_projections(path, centre=args.centre, bin_cols=args.bin_cols, pixel_size_mm=args.pixel_size,
+                                    grid_size=args.grid_size)
+        return load_projections(path)
+    raise ValueError(f"{path}: unknown input type; give a CT volume ({', '.join(VOLUME_SUFFIXES)}) or projections "
+                     f"({', '.join(PROJECTION_SUFFIXES)})")
+
+
+def resolve_checkpoint(args) -> Path | None:
+    if args.init not in ("medgmae", "medgmae*"):
+        return None
+    if args.checkpoint:
+        path = Path(args.checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"--checkpoint not found: {path}")
+        return path
+    if DEMO_WEIGHTS.exists():
+        return DEMO_WEIGHTS
+    raise ValueError(f"--init {args.init} needs --checkpoint PATH (no bundled demo weights at {DEMO_WEIGHTS})")
+
+
+# ---------------------------------------------------------------- outputs
+def save_volume(path: Path, volume: torch.Tensor, affine: np.ndarray) -> Path:
+    from ..export.nifti import write_volume
+
+    return write_volume(path, volume.detach().cpu().float(), affine, kind="prediction")
+
+
+def save_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tensor], title: str) -> Path:
+    """PSNR (or loss) against iteration, and the middle slice along the rotation axis of each volume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(slices)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.4))
+    its = [h["iteration"] for h in history]
+    if any("psnr" in h for h in history):
+        axes[0].plot(its, [h.get("psnr", np.nan) for h in history], marker=".")
+        for target in (30, 35):
+            axes[0].axhline(target, color="grey", lw=0.6, ls="--")
+        axes[0].set_ylabel("PSNR (dB)")
+    else:
+        axes[0].semilogy(its[1:], [h["loss"] for h in history[1:]], marker=".")
+        axes[0].set_ylabel("projection loss")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_title(title, fontsize=9)
+    ref = next(iter(slices.values()))
+    lo, hi = float(ref.min()), float(torch.quantile(ref.flatten().float(), 0.999))
+    for ax, (name, img) in zip(axes[1:], slices.items()):
+        ax.imshow(img.T.cpu().numpy(), cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def mid_slice(volume: torch.Tensor) -> torch.Tensor:
+    """The middle slice across the rotation axis (volume axis 2), ``[D, H]``."""
+    return volume[:, :, volume.shape[2] // 2]
+
+
+# ------------------------------------------------------------------- main
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="CT volume (HU) to simulate a scan from, or projections (.npz/.h5, "
+                                      "incl. APS data-exchange)")
+    parser.add_argument("--out", required=True, help="output folder")
+    sim = parser.add_argument_group("simulation (CT volume input)")
+    sim.add_argument("--geometry", choices=("parallel", "cone"), default="parallel")
+    sim.add_argument("--views", type=int, default=60, help="number of views (parallel: over 180 deg, cone: 360)")
+    sim.add_argument("--noise", type=float, default=None, metavar="I0",
+                     help="Poisson noise with I0 photons per unattenuated pixel (default: noiseless)")
+    sim.add_argument("--sod", type=float, default=None, help="cone: source-to-rotation-axis distance, mm")
+    sim.add_argument("--sdd", type=float, default=None, help="cone: source-to-detector distance, mm")
+    sim.add_argument("--crop", default=None, help="crop the CT first: 'i0:i1,j0:j1,k0:k1' (voxels)")
+    sim.add_argument("--downsample", type=int, default=1, help="block-average the CT by this factor")
+    sim.add_argument("--save-projections", default=None, help="also write the simulated scan (.npz/.h5)")
+    real = parser.add_argument_group("data-exchange input (e.g. the tomopy tooth)")
+    real.add_argument("--centre", default="auto", help="rotation-axis column of the raw detector, or 'auto'")
+    real.add_argument("--bin-cols", type=int, default=1, help="average this many detector columns")
+    real.add_argument("--pixel-size", type=float, default=1.0, help="detector pixel pitch, mm")
+    real.add_argument("--grid-size", type=int, default=None, help="in-plane voxels of the reconstruction grid")
+    rec = parser.add_argument_group("reconstruction")
+    rec.add_argument("--init", choices=INIT_METHODS, default="fbp")
+    rec.add_argument("--checkpoint", default=None, help="MedGMAE(*) checkpoint for --init medgmae/medgmae* "
+                                                        "(default: bundled demo weights)")
+    rec.add_argument("--num-gaussians", type=int, default=4000, help="initial count for --init random/fbp")
+    rec.add_argument("--filter", choices=FILTERS, default="ram-lak", help="FBP/FDK filter")
+    rec.add_argument("--iters", type=int, default=300)
+    rec.add_argument("--views-per-iter", type=int, default=None, help="random views per iteration (default all)")
+    rec.add_argument("--eval-every", type=int, default=25)
+    rec.add_argument("--densify-every", type=int, default=100)
+    rec.add_argument("--grad-threshold", type=float, default=FitConfig.grad_threshold)
+    rec.add_argument("--max-gaussians", type=int, default=300_000)
+    rec.add_argument("--tv", type=float, default=0.0, help="weight of TV on random sub-volumes (0 = off)")
+    rec.add_argument("--max-intensity", type=float, default=None,
+                     help="intensity bound of a Gaussian (default 2 x the FBP's 99.9th percentile)")
+    rec.add_argument("--checkpoint-every", type=int, default=100, help="iterations between resume checkpoints")
+    rec.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--device", default="cpu")
+    parser.add_argument("--progress-json", action="store_true", help="JSON progress lines on stdout")
+
+
+@dataclass
+class Prepared:
+    fbp: torch.Tensor
+    params: GaussianParams
+    info: dict  # fbp_seconds, init_seconds, intensity_gain, init_psnr ...
+
+
+def prepare(args, data: ProjectionData, device: torch.device, resume_state: dict | None) -> Prepared:
+    """FBP/FDK, then (unless resuming) the initial Gaussians, calibrated to the projections."""
+    t0 = time.perf_counter()
+    fbp = analytic_reconstruction(data, args.filter).to(device)
+    info = {"fbp_seconds": time.perf_counter() - t0}
+    if resume_state is not None:
+        info.update(resume_state.get("extra", {}))
+        return Prepared(fbp, GaussianParams.from_state_dict(resume_state["params"]), info)
+    max_intensity = args.max_intensity or default_max_intensity(fbp)
+    t1 = time.perf_counter()
+    gaussians = initialise(args.init, fbp_volume=fbp, extent_mm=data.geometry.volume_extent_mm,
+                           num_gaussians=args.num_gaussians, checkpoint=resolve_checkpoint(args),
+                           mu_water=data.mu_water, seed=args.seed, device=str(device)).to(device)
+    project = GeometryProjector(data.geometry)
+    gaussians, gain = calibrate_intensities(gaussians, lambda g: project(g), data.projections.to(device))
+    info.update(init_seconds=time.perf_counter() - t1, intensity_gain=gain,
+                initial_gaussians=gaussians.num_gaussians)
+    return Prepared(fbp, GaussianParams.from_gaussians(gaussians, max_intensity), info)
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    cfg = FitConfig(iters=args.iters, views_per_iter=args.views_per_iter, eval_every=args.eval_every,
+                    densify_every=args.densify_every, densify_from=args.densify_every,
+                    grad_threshold=args.grad_threshold, max_gaussians=args.max_gaussians, tv_weight=args.tv,
+                    checkpoint_every=args.checkpoint_every, seed=args.seed).validate()
+    ck_path = out / CHECKPOINT_NAME
+    resume_state = None
+    if args.resume:
+        if not ck_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ck_path}")
+        try:
+            resume_state = torch.load(ck_path, map_location=device, weights_only=True)
+        except Exception as exc:  # torch raises assorted types for damaged files
+            raise ValueError(f"--resume: cannot read {ck_path} ({type(exc).__name__}: {exc})") from None
+    data = load_input(args)
+    if args.save_projections:
+        save_projections(args.save_projections, data)
+    from ..progress import ProgressReporter
+    from ..train.checkpoint import atomic_torch_save
+
+    reporter = ProgressReporter("reconstruct", cfg.iters, json_lines=args.progress_json)
+    try:
+        prep = prepare(args, data, device, resume_state)
+        measured = data.projections.to(device)
+        reference = data.reference.to(device) if data.reference is not None else None
+        fit = ReconstructionFit(prep.params, measured, GeometryProjector(data.geometry), data.volume_shape, cfg,
+                                reference=reference)
+        initial_volume = None
+        if resume_state is not None:
+            fit.load_state_dict(resume_state, source=str(ck_path))
+        else:
+            initial_volume = fit.volume()
+            if reference is not None:
+                prep.info["init_psnr"] = psnr(initial_volume, reference, fit.data_range)
+        reporter.start(input=str(args.input), init=args.init, views=data.geometry.n_views,
+                       volume_shape=list(data.volume_shape), num_gaussians=fit.params.num_gaussians,
+                       resumed_from=fit.result.iterations if resume_state is not None else None)
+
+        def save_state(iteration: int) -> None:
+            state = fit.state_dict()
+            state["extra"] = {k: v for k, v in prep.info.items() if isinstance(v, (int, float, str))}
+            atomic_torch_save(state, ck_path)
+            reporter.checkpoint(iteration, str(ck_path))
+
+        def on_progress(entry: dict) -> None:
+            reporter.progress(entry["iteration"], **{k: v for k, v in entry.items() if k != "iteration"})
+
+        result = fit.run(on_progress=on_progress, on_checkpoint=save_state)
+        save_state(result.iterations)
+        metrics = write_outputs(out, args, data, prep, fit, fit.volume(), initial_volume)
+        reporter.done(step=result.iterations, out=str(out),
+                      **{k: metrics[k] for k in ("psnr", "ssim") if k in metrics})
+        return metrics
+    except Exception as exc:
+        reporter.error(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def write_outputs(out: Path, args, data: ProjectionData, prep: Prepared, fit: ReconstructionFit,
+                  final: torch.Tensor, initial: torch.Tensor | None) -> dict:
+    from ..export.ply import write_gaussians_ply
+
+    affine = data.grid_affine()
+    save_volume(out / "reconstruction.nii.gz", final, affine)
+    save_volume(out / "fbp.nii.gz", prep.fbp, affine)
+    if data.mu_water:
+        save_volume(out / "reconstruction_hu.nii.gz", mu_to_hu(final, data.mu_water), affine)
+    write_gaussians_ply(out / "gaussians.ply", fit.params.gaussians().detach().to("cpu"), shape=data.volume_shape,
+                        ijk_to_ras=affine)
+    metrics = {
+        "input": str(args.input), "init": args.init, "geometry": data.geometry.kind, "views": data.geometry.n_views,
+        "volume_shape": list(data.volume_shape), "spacing_mm": list(data.spacing_mm), "filter": args.filter,
+        **prep.info, "max_intensity": fit.params.max_intensity, "units": "attenuation, 1/mm (line integrals are dimensionless)",
+        "projection_loss": fit.result.history[-1].get("loss") if fit.result.history else None,
+        **fit.final_metrics(), "history": fit.result.history, "densify_log": fit.result.densify_log,
+        "meta": data.meta,
+    }
+    metrics["seconds_per_iteration"] = metrics["fit_seconds"] / max(1, metrics["iterations"])
+    slices = {}
+    if data.reference is not None:
+        ref = data.reference.to(final)
+        metrics["data_range"] = float(ref.max() - ref.min())
+        metrics["fbp_psnr"] = psnr(prep.fbp, ref, metrics["data_range"])
+        metrics["fbp_ssim"] = ssim(prep.fbp, ref, metrics["data_range"])
+        slices["reference"] = mid_slice(ref)
+    slices["FBP" if data.geometry.kind == "parallel" else "FDK"] = mid_slice(prep.fbp)
+    if initial is not None:
+        slices[f"init ({args.init})"] = mid_slice(initial)
+    slices[f"Gaussians ({fit.result.iterations} it)"] = mid_slice(final)
+    title = f"{Path(str(args.input)).name}: {data.geometry.kind}, {data.geometry.n_views} views"
+    save_figure(out / "reconstruction.png", history=fit.result.history, slices=slices, title=title)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(_plain(metrics), indent=2))
+    tmp.replace(out / "metrics.json")
+    return metrics
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
+
+
+def main(args) -> int:
+    run(args)
+    return 0
