@@ -65,9 +65,11 @@ def prepare_ct(hu, ijk_to_ras, *, spacing_mm: float | Sequence[float] | None = D
         raise ValueError(f"CT array must have at least 2 voxels per axis, got shape {tuple(array.shape)}")
     array = array.to(torch.float32)
     transform = inference_transforms(spacing_mm, load=False)
-    if not check_ct:  # drop the HU sanity check (first step of the non-loading pipeline)
+    if not check_ct:  # drop the "looks like HU" sanity check
         from monai.transforms import Compose
-        transform = Compose(transform.transforms[1:])
+
+        from .data.transforms import EnsureCTd
+        transform = Compose([t for t in transform.transforms if not isinstance(t, EnsureCTd)])
     image = transform({"image": MetaTensor(array[None], affine=torch.from_numpy(affine))})["image"]
     out_affine = np.asarray(image.affine, dtype=np.float64) if hasattr(image, "affine") else affine
     volume = torch.as_tensor(image)[0].as_subclass(torch.Tensor).contiguous()

@@ -176,3 +176,13 @@ def test_prepare_ct_on_a_real_ct(small_real_ct):
     np.testing.assert_allclose(spatial.spacing_of(prepared.ijk_to_ras), 1.5, atol=1e-6)
     assert all(abs(n - 2 * m) <= 2 for n, m in zip(prepared.shape, (122, 101, 30)))
     assert 0.05 < float(prepared.volume.mean()) < 0.9
+
+
+def test_prepare_ct_rejects_non_ct_unless_told():
+    from medgmae_core.data.transforms import NotCTError
+
+    values = np.random.default_rng(0).uniform(0, 1, (20, 20, 10)).astype(np.float32)  # normalised, not HU
+    with pytest.raises(NotCTError):
+        inference.prepare_ct(values, np.eye(4))
+    prepared = inference.prepare_ct(values, np.diag([1.5, 1.5, 1.5, 1.0]), check_ct=False)
+    assert prepared.shape == (20, 20, 10)
