@@ -59,7 +59,6 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                                 progress=self._predictProgress))
         self.ui.exportPlyButton.clicked.connect(lambda: self._run(self.ui.predictStatusLabel, self.logic.export_ply_from_parameters))
         self.ui.exportNiftiButton.clicked.connect(lambda: self._run(self.ui.predictStatusLabel, self.logic.export_nifti_from_parameters))
-        self.ui.windowPointPlaceWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.windowPointSelector.currentNodeChanged.connect(self.ui.windowPointPlaceWidget.setCurrentNode)
         self.ui.checkDependenciesButton.clicked.connect(lambda: self.ui.installStatusLabel.setText(self.installLogic.check().text()))
         self.ui.installDependenciesButton.clicked.connect(
@@ -80,7 +79,7 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.jobTimer.timeout.connect(self.reconPanel.poll)
         self.jobTimer.start()
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, lambda *a: self.setParameterNode(None))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda *a: self.initializeParameterNode())
         self.initializeParameterNode()
 
@@ -89,6 +88,10 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for panel in (self.trainPanel, self.reconPanel):
             panel.cancel()
         self.removeObservers()
+
+    def onSceneStartClose(self, caller=None, event=None):
+        self.setParameterNode(None)
+        self.logic.reset()
 
     def enter(self):
         self.initializeParameterNode()
@@ -129,7 +132,7 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _run(self, statusLabel, action, **kwargs):
         with slicer.util.tryWithErrorDisplay("MedGMAE failed.", waitCursor=True):
             result = action(self._parameters(), interactive=True, **kwargs)
-            statusLabel.text = result if isinstance(result, str) else self.logic.status_text()
+            statusLabel.text = result if isinstance(result, str) else self.logic.last_message
         self._onParametersModified()
 
 

@@ -155,7 +155,19 @@ class MedGMAELogic(BackgroundLogic):
         self.last_mask: MaskPreview | None = None
         self.last_prediction: Prediction | None = None
         self.last_reconstruction: ReconstructionResult | None = None
+        self.last_message = ""
         self._model = self._model_config = self._model_key = self._model_path = None
+
+    def reset(self) -> None:
+        """Forget results (the scene is closing); the loaded model stays cached."""
+        self.last_mask = self.last_prediction = self.last_reconstruction = None
+        self.last_message = ""
+
+    def say(self, message: str) -> str:
+        """Record a status message (shown in the panel) and log it."""
+        self.last_message = message
+        self.log_callback(message)
+        return message
 
     @property
     def scene(self):
@@ -186,7 +198,7 @@ class MedGMAELogic(BackgroundLogic):
         if show:
             set_slice_layers(self.scene, background=masked_node, label=label_node, label_opacity=0.35)
         self.last_mask = MaskPreview(masked_node, label_node, mask, fill)
-        self.log_callback(f"Masked {mask.mean():.0%} of {name} in {patch_size}-voxel patches (seed {seed}).")
+        self.say(f"Masked {mask.mean():.0%} of {name} in {patch_size}-voxel patches (seed {seed}).")
         return self.last_mask
 
     def preview_mask_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False) -> MaskPreview:
@@ -280,7 +292,7 @@ class MedGMAELogic(BackgroundLogic):
                          foreground_opacity=prediction_opacity)
         self.last_prediction = prediction
         report(1.0, "done")
-        self.log_callback(self.status_text())
+        self.say(self.status_text())
         return prediction
 
     def predict_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False,
@@ -446,7 +458,7 @@ class MedGMAELogic(BackgroundLogic):
             _show_chart(chart)
         set_slice_layers(self.scene, background=node)
         final = f", PSNR {metrics['psnr']:.2f} dB" if isinstance(metrics.get("psnr"), (int, float)) else ""
-        return f"Loaded {volume_path.name} from {folder}{final}."
+        return self.say(f"Loaded {volume_path.name} from {folder}{final}.")
 
     def status_text(self) -> str:
         p = self.last_prediction

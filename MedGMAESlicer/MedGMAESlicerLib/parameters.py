@@ -144,6 +144,7 @@ def field_specs() -> dict[str, tuple[type, Any]]:
     return specs
 
 
+@functools.lru_cache(maxsize=None)
 def parameter_node_wrapper_class():
     """``@parameterNodeWrapper`` class with the same fields, for the Slicer app (needs ``slicer.parameterNodeWrapper``)."""
     import slicer

@@ -123,3 +123,19 @@ def test_apply_buttons_and_progress_bars_exist(loaded):
         assert widget.findChild(QtCore.QObject, panel) is not None, panel
     for bar in ("predictProgressBar", "trainProgressBar", "reconProgressBar"):
         assert isinstance(widget.findChild(QtCore.QObject, bar), QtWidgets.QProgressBar), bar
+
+
+def test_widget_calls_only_existing_logic_methods():
+    """The module file is wiring only: every ``self.logic.<name>`` / ``self.installLogic.<name>`` it calls exists."""
+    from MedGMAESlicerLib.install import InstallLogic
+    from MedGMAESlicerLib.logic import MedGMAELogic
+
+    code = (REPO / "MedGMAESlicer" / "MedGMAESlicer.py").read_text()
+    logic_names = set(re.findall(r"self\.logic\.(\w+)", code))
+    install_names = set(re.findall(r"self\.installLogic\.(\w+)", code))
+    assert {"predict_from_parameters", "preview_mask_from_parameters", "start_training_from_parameters"} <= logic_names
+    logic = MedGMAELogic(scene=object())
+    defined_here = set(re.findall(r"def (\w+)\(", code))  # e.g. getParameterNode on the module's Logic class
+    assert sorted(n for n in logic_names - defined_here if not hasattr(logic, n)) == []
+    assert sorted(n for n in install_names if not hasattr(InstallLogic, n)) == []
+    assert len(code.splitlines()) < 200, "MedGMAESlicer.py should stay thin"
