@@ -386,3 +386,14 @@ def test_voxel_mae_shapes_and_loss():
     assert torch.allclose(loss, ((patches - target) ** 2).mean(-1)[mask.bool()].mean(), atol=1e-6)
     bumped = patches + (1 - mask)[..., None] * 5.0
     assert torch.allclose(model.forward_loss(x, bumped, mask), loss)
+
+
+@pytest.mark.parametrize("objective", ["gaussian", "gaussian_star"])
+def test_bf16_autocast_keeps_heads_and_renderer_in_fp32(objective):
+    model = small_model(objective, num_gaussians=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(volume(1))
+    assert out.gaussians.dtype == torch.float32 and out.pred.dtype == torch.float32
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.decoder.heads.head_centre.weight.grad.abs().sum() > 0
