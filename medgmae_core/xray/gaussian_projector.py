@@ -22,18 +22,16 @@ Stage 2 (backends) splats them where the 2D Mahalanobis distance <= ``cutoff``:
 * ``torch``: Gaussian-centric patches bucketed by footprint size, added with
   ``index_add``; device-agnostic (the CUDA path).
 
-Views are processed in chunks; with gradients, each chunk is recomputed in the
-backward pass (checkpointing) so memory stays bounded at any k.
+Views are processed in chunks; the backward pass recomputes stage 1 per chunk
+and calls the backend's vector-Jacobian product, so memory stays bounded at any k.
 """
 from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..gaussians import GaussianSet, GaussianValidationError
 from ..numba_support import fast_exp, get_num_threads, njit, numba_available, numba_unavailable_reason, prange
@@ -250,7 +248,7 @@ def _row_range(mr, p_cc, p_cr, p_rr, cutoff, rows):
 
 @njit(parallel=True, fastmath=True)
 def _splat_forward_kernel(params, cutoff, precise, n_threads, partial_out):
-    """params [N, K, 6]; partial_out [T, N, rows, cols] (zeros): thread t splats Gaussians t::T."""
+    """params [N, K, 6]; partial_out [T, N, rows, cols] (zeros): thread t splats its own contiguous share of the K."""
     n_img, k = params.shape[0], params.shape[1]
     rows, cols = partial_out.shape[2], partial_out.shape[3]
     r2 = cutoff * cutoff
@@ -333,36 +331,57 @@ def _splat_backward_kernel(params, cutoff, precise, grad_out, grad_params):
         grad_params[n, g, 5] = m0
 
 
+def _numba_forward(params: torch.Tensor, rows: int, cols: int, cutoff: float) -> torch.Tensor:
+    """Numba splat, no autograd: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
+    if params.device.type != "cpu":
+        raise ValueError(f"the numba projector backend needs CPU tensors, got {params.device}")
+    flat = params.detach().reshape(-1, *params.shape[2:]).contiguous().numpy()  # [N, k, 6]
+    threads = max(1, get_num_threads())
+    partial_out = np.zeros((threads, flat.shape[0], rows, cols), dtype=flat.dtype)  # one image set per thread
+    _splat_forward_kernel(flat, float(cutoff), flat.dtype == np.float64, threads, partial_out)
+    out = torch.from_numpy(partial_out.sum(0) if threads > 1 else partial_out[0])
+    return out.reshape(params.shape[0], params.shape[1], rows, cols)
+
+
+def _numba_vjp(params: torch.Tensor, grad: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """d(sum(grad * splat(params))) / d params: ``[B, C, k, 6]``."""
+    flat = params.detach().reshape(-1, *params.shape[2:]).contiguous().numpy()
+    g = grad.detach().to(params.dtype).reshape(-1, *grad.shape[2:]).contiguous().numpy()  # [N, rows, cols]
+    grad_params = np.empty_like(flat)
+    _splat_backward_kernel(flat, float(cutoff), flat.dtype == np.float64, g, grad_params)
+    return torch.from_numpy(grad_params).reshape(params.shape)
+
+
 class _NumbaSplat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params, rows, cols, cutoff):
-        flat = params.detach().reshape(-1, *params.shape[2:]).contiguous().numpy()  # [N, k, 6]
-        threads = max(1, get_num_threads())
-        partial_out = np.zeros((threads, flat.shape[0], rows, cols), dtype=flat.dtype)
-        _splat_forward_kernel(flat, float(cutoff), flat.dtype == np.float64, threads, partial_out)
         ctx.save_for_backward(params)
         ctx.cutoff = float(cutoff)
-        out = torch.from_numpy(partial_out.sum(0) if threads > 1 else partial_out[0])
-        return out.reshape(params.shape[0], params.shape[1], rows, cols)
+        return _numba_forward(params, rows, cols, cutoff)
 
     @staticmethod
     def backward(ctx, grad):
         (params,) = ctx.saved_tensors
-        flat = params.detach().reshape(-1, *params.shape[2:]).contiguous().numpy()
-        g = grad.detach().to(params.dtype).reshape(-1, *grad.shape[2:]).contiguous().numpy()  # [N, rows, cols]
-        grad_params = np.empty_like(flat)
-        _splat_backward_kernel(flat, ctx.cutoff, flat.dtype == np.float64, g, grad_params)
-        return torch.from_numpy(grad_params).reshape(params.shape), None, None, None
+        return _numba_vjp(params, grad, ctx.cutoff), None, None, None
 
 
 def splat_numba(params: torch.Tensor, rows: int, cols: int, cutoff: float) -> torch.Tensor:
-    """Numba CPU splat: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
-    if params.device.type != "cpu":
-        raise ValueError(f"the numba projector backend needs CPU tensors, got {params.device}")
+    """Differentiable numba CPU splat: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
     return _NumbaSplat.apply(params, rows, cols, cutoff)
 
 
+def _autograd_vjp(splat):
+    def vjp(params: torch.Tensor, grad: torch.Tensor, cutoff: float) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = params.detach().requires_grad_(True)
+            out = splat(leaf, grad.shape[-2], grad.shape[-1], cutoff)
+            return torch.autograd.grad(out, leaf, grad)[0]
+    return vjp
+
+
 SPLATTERS = {"reference": splat_reference, "torch": splat_torch, "numba": splat_numba}
+FORWARDS = {"reference": splat_reference, "torch": splat_torch, "numba": _numba_forward}
+VJPS = {"reference": _autograd_vjp(splat_reference), "torch": _autograd_vjp(splat_torch), "numba": _numba_vjp}
 
 
 # ----------------------------------------------------------------- driver
@@ -387,9 +406,34 @@ def view_chunk_size(batch: int, k: int, n_views: int, max_chunk_mb: float = DEFA
     return chunk
 
 
-def _project_views(means, cov, det3, intensities, *, geometry, views: slice, cutoff: float, splat) -> torch.Tensor:
-    params = splat_params(means, cov, det3, intensities, geometry, views)  # [B, C, k, 6]
-    return splat(params, geometry.rows, geometry.cols, cutoff)
+class _ProjectGaussians(torch.autograd.Function):
+    """Chunked over views; the backward recomputes stage 1 per chunk and calls the backend's VJP,
+    so no per-(Gaussian, view) tensor outlives its chunk. (No double backward.)"""
+
+    @staticmethod
+    def forward(ctx, means, cov, det3, intensities, geometry, cutoff, backend, chunk):
+        ctx.save_for_backward(means, cov, det3, intensities)
+        ctx.args = (geometry, cutoff, backend, chunk)
+        outs = []
+        for views in _view_slices(geometry.n_views, chunk):
+            params = splat_params(means, cov, det3, intensities, geometry, views)  # [B, C, k, 6]
+            outs.append(FORWARDS[backend](params, geometry.rows, geometry.cols, cutoff))
+        return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        geometry, cutoff, backend, chunk = ctx.args
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            for views in _view_slices(geometry.n_views, chunk):
+                params = splat_params(*leaves, geometry, views)
+                grad_params = VJPS[backend](params.detach(), grad[:, views].contiguous(), cutoff)
+                torch.autograd.backward(params, grad_params)
+        return (*(t.grad if need else None for t, need in zip(leaves, ctx.needs_input_grad)), None, None, None, None)
+
+
+def _view_slices(n_views: int, chunk: int) -> list[slice]:
+    return [slice(v0, min(n_views, v0 + chunk)) for v0 in range(0, n_views, chunk)]
 
 
 def project_gaussians(gaussians: GaussianSet, geometry, *, cutoff: float = 3.0, backend: str = "auto",
@@ -407,15 +451,8 @@ def project_gaussians(gaussians: GaussianSet, geometry, *, cutoff: float = 3.0, 
     name = resolve_backend(gaussians, backend)
     log.debug("project_gaussians: backend %s", name)
     means, cov, det3 = gaussians_mm(gaussians, geometry)
-    tensors = (means, cov, det3, gaussians.intensities)
     chunk = view_chunk_size(gaussians.batch_size, gaussians.num_gaussians, geometry.n_views, max_chunk_mb)
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and chunk < geometry.n_views
-    outs = []
-    for v0 in range(0, geometry.n_views, chunk):
-        fn = partial(_project_views, geometry=geometry, views=slice(v0, v0 + chunk), cutoff=float(cutoff),
-                     splat=SPLATTERS[name])
-        outs.append(checkpoint(fn, *tensors, use_reentrant=False) if recompute else fn(*tensors))
-    return torch.cat(outs, dim=1)
+    return _ProjectGaussians.apply(means, cov, det3, gaussians.intensities, geometry, float(cutoff), name, chunk)
 
 
 __all__ = ["project_gaussians", "resolve_backend", "splat_params", "splat_reference", "splat_torch", "splat_numba",
