@@ -99,9 +99,9 @@ class PretrainedEncoder:
                 raise ValueError(f"{self.origin}: cannot infer the number of attention heads for width {dim}; "
                                  "pass num_heads (--num-heads)")
             num_heads = presets[dim]
-        return get_config("tiny", img_size=img_size, patch_size=self.patch_size, in_chans=self.in_chans,
-                          embed_dim=dim, depth=self.depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                          name="release")
+        return get_config("tiny").replace(img_size=img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                                          embed_dim=dim, depth=self.depth, num_heads=num_heads,
+                                          mlp_ratio=mlp_ratio, name="release")
 
 
 @dataclass
