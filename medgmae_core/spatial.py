@@ -174,7 +174,8 @@ def gaussians_to_world(gaussians: GaussianSet, shape, ijk_to_ras) -> tuple[np.nd
     """
     to_ras = normalised_to_ras_affine(shape, ijk_to_ras)
     centres = gaussians.centres.detach().reshape(-1, 3).cpu().double().numpy()
-    axes = gaussian_axes(gaussians.detach().to(dtype=torch.float64)).reshape(-1, 3, 3).cpu().numpy()
+    rot = quaternion_to_rotation(gaussians.quaternions.detach().cpu().double())  # no GaussianSet re-validation
+    axes = (rot * gaussians.scales.detach().cpu().double()[..., None, :]).reshape(-1, 3, 3).numpy()
     return centres @ to_ras[:3, :3].T + to_ras[:3, 3], to_ras[:3, :3] @ axes
 
 

@@ -88,11 +88,10 @@ def _vtk_array(vtk_class, tuples: int, components: int, name: str | None = None)
 
 
 def _apply_rows(vectors: np.ndarray, mats: np.ndarray, out: np.ndarray) -> None:
-    """``out[n, m] = mats[n] @ vectors[m]`` as three broadcast multiply-adds (faster than a stacked matmul
-    of 3x3 matrices)."""
-    np.multiply(mats[:, None, :, 0], vectors[None, :, 0, None], out=out)
-    out += mats[:, None, :, 1] * vectors[None, :, 1, None]
-    out += mats[:, None, :, 2] * vectors[None, :, 2, None]
+    """``out[n, m] = mats[n] @ vectors[m]``: one GEMM ``[n*3, 3] @ [3, m]`` and a transposed copy (faster than a
+    stacked matmul of 3x3 matrices)."""
+    if len(mats):
+        out[...] = (mats.reshape(-1, 3) @ vectors.T).reshape(len(mats), 3, len(vectors)).transpose(0, 2, 1)
 
 
 def _glyphs_numpy(centres, axes, values, sigma, resolution, scalar_name):
