@@ -279,6 +279,9 @@ def test_masked_loss_uses_only_masked_voxels_release_loss_whole_volume():
     assert torch.allclose(model.forward_loss(x, pred + noise, mask), masked)  # visible prediction ignored
     assert not torch.allclose(model.forward_loss(x + torch.rand_like(x) * mv, pred, mask), masked)
 
+    nothing = torch.zeros(2, 64)  # mask_ratio 0: the plain mean
+    assert torch.allclose(model.forward_loss(x, pred, nothing), ((pred - x) ** 2).mean())
+
     model.config.loss = "release"
     release = model.forward_loss(x, pred, mask)
     assert torch.allclose(release, ((pred - x * mv) ** 2).mean())

@@ -119,9 +119,8 @@ class MaskedAutoencoder3D(nn.Module):
         values = values.float()
         weight = weight.float().expand_as(values)
         total = weight.sum()
-        if float(total) == 0.0:
-            return values.mean()
-        return (values * weight).sum() / total
+        masked = (values * weight).sum() / total.clamp_min(1.0)
+        return torch.where(total > 0, masked, values.mean())  # no host sync
 
 
 class MedGMAE(MaskedAutoencoder3D):
