@@ -113,3 +113,24 @@ def test_parameters_drive_the_panels(session, tmp_path):
     assert written == tmp_path / "r" / "input_ct.nii.gz" and written.is_file()
     assert job.argv[job.argv.index("--init") + 1] == "fbp" and "--checkpoint" not in job.argv
     assert sys.executable == job.argv[0]
+
+
+@pytest.mark.slow
+def test_real_reconstruction_in_background(session, small_real_ct, tmp_path, monkeypatch):
+    """``medgmae reconstruct`` from the loaded CT as the panel runs it; the result comes back as nodes."""
+    monkeypatch.setenv("MEDGMAE_RENDER_BACKEND", "torch")
+    ct = session.load_volume(small_real_ct)
+    logic = MedGMAELogic(session.scene)
+    source = logic.write_input_ct(ct, tmp_path / "input_ct.nii.gz")
+    job = logic.start_reconstruction(out_dir=tmp_path, input_path=source, init="fbp", iterations=4, views=12,
+                                     device="cpu", extra_args=["--crop", "30:78,30:78,8:24", "--num-gaussians", "300",
+                                                               "--eval-every", "2"])
+    result = job.wait_for_completion(timeout=300)
+    assert result.ok, result.error
+    steps = [e["step"] for e in result.events if e["event"] == "progress"]
+    assert steps == sorted(steps) and steps[-1] == 4
+    text = logic.load_reconstruction_result(result)
+    assert f"PSNR {result.outputs()['psnr']:.2f} dB" in text
+    rec = logic.last_reconstruction
+    assert array_ijk(rec.volume_node).shape == (48, 48, 16)
+    assert rec.psnr_table.GetNumberOfRows() == len([e for e in result.events if "psnr" in e and e["event"] == "progress"])
