@@ -454,6 +454,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reporter = ProgressReporter("finetune", args.steps, json_lines=args.json_lines, initial=start)
     reporter.start(out=str(out), classes=task.names, train_cases=len(train_cases), val_cases=len(val_cases),
                    label_fraction=args.label_fraction, encoder=origin["encoder"], resumed_from=start)
+    if start == 0:  # the untrained network's score: the curve's first point and the baseline
+        val0 = validate(model, val_cases, task.names, roi)
+        history["val"].append({"step": 0, **val0})
+        reporter.progress(0, dice=val0["dice"], dice_per_class=val0["dice_per_class"])
     model.train()
     t0 = time.time()
     step = start
@@ -491,7 +495,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     (out / "history.json").write_text(json.dumps(history) + "\n")
     final = history["val"][-1] if history["val"] else {}
     summary = {"out": str(out), "checkpoint": str(out / LAST_NAME), "best_checkpoint": str(out / "best.pt"),
-               "curves": str(curves), "steps": args.steps, "final_dice": final.get("dice"),
+               "curves": str(curves), "steps": args.steps, "untrained_dice": history["val"][0]["dice"],
+               "final_dice": final.get("dice"),
                "final_dice_per_class": final.get("dice_per_class"), "best_dice": best,
                "seconds": round(time.time() - t0, 1), "train_cases": len(train_cases)}
     reporter.done(**summary)
