@@ -36,7 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random patch mask")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--glyph-sigma", type=int, choices=(1, 2, 3), default=2, help="glyph radius in sigmas")
-    parser.add_argument("--threshold", type=float, default=0.05, help="show Gaussians with at least this intensity")
+    parser.add_argument("--threshold", type=float, default=0.1,
+                        help="show Gaussians with at least this fraction of the strongest one's intensity")
     parser.add_argument("--ply", default=None, help="also write the Gaussians as PLY")
     parser.add_argument("--nifti", default=None, help="also write the rendered prediction as NIfTI")
     parser.add_argument("--png", default=None, help="also render the 3D view offscreen to this PNG")

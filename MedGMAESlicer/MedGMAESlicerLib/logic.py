@@ -323,7 +323,8 @@ class MedGMAELogic(BackgroundLogic):
         if force or key != prediction.glyph_key:
             t0 = time.perf_counter()
             poly = glyphs.gaussian_glyph_polydata(prediction.centres_ras, prediction.axes_ras, prediction.intensities,
-                                                  sigma=s.sigma, resolution=s.resolution, threshold=s.threshold)
+                                                  sigma=s.sigma, resolution=s.resolution,
+                                                  threshold=prediction.intensity_cut())
             node = prediction.model_node
             values = prediction.intensities
             full_range = (float(values.min()), float(values.max()) + 1e-6) if len(values) else None
@@ -338,7 +339,7 @@ class MedGMAELogic(BackgroundLogic):
                 if full_range is not None:
                     node.GetDisplayNode().SetScalarRange(*full_range)
             prediction.glyph_key = key
-            prediction.shown = int(np.sum(prediction.intensities >= s.threshold))
+            prediction.shown = int(np.sum(prediction.intensities >= prediction.intensity_cut()))
             prediction.timings.values["glyphs"] = time.perf_counter() - t0
         prediction.model_node.GetDisplayNode().SetOpacity(float(s.opacity))
 
@@ -465,7 +466,8 @@ class MedGMAELogic(BackgroundLogic):
         if p is None:
             return "No prediction yet."
         where = "one model window" if p.mode == "point" else "the whole volume"
-        return (f"{len(p.intensities)} Gaussians over {where} ({p.shown} shown at intensity >= {p.glyph.threshold:.2f}, "
+        return (f"{len(p.intensities)} Gaussians over {where} ({p.shown} shown with intensity >= "
+                f"{p.glyph.threshold:.0%} of the strongest, "
                 f"{p.glyph.sigma} sigma). Timings: {p.timings.text()}.")
 
 
@@ -500,7 +502,7 @@ def _translation(offset) -> np.ndarray:
 class GlyphSettings:
     opacity: float = 0.6
     resolution: int = 8
-    threshold: float = 0.05
+    threshold: float = 0.1  # fraction of the strongest Gaussian's intensity (robust to the model's intensity scale)
     sigma: int = 2
 
     @classmethod
@@ -527,6 +529,11 @@ class Prediction:
     gaussians: object = None  # GaussianSet in normalised coords of the prepared grid
     grid_shape: tuple | None = None
     grid_affine: np.ndarray | None = None
+
+    def intensity_cut(self) -> float:
+        """The absolute intensity the threshold (a fraction of the strongest Gaussian) corresponds to."""
+        top = float(self.intensities.max()) if len(self.intensities) else 0.0
+        return self.glyph.threshold * top
 
 
 def default_checkpoint() -> Path:

@@ -48,7 +48,7 @@ class MedGMAEParameters:
     device: Annotated[str, Choice(("auto", "cpu", "cuda"))] = "auto"
     glyphOpacity: Annotated[float, Range(0.0, 1.0)] = 0.6
     glyphResolution: Annotated[int, Range(4, 32)] = 8
-    intensityThreshold: Annotated[float, Range(0.0, 1.0)] = 0.05
+    intensityThreshold: Annotated[float, Range(0.0, 1.0)] = 0.1  # fraction of the strongest Gaussian
     glyphSigma: Annotated[int, Choice((1, 2, 3))] = 2
     predictionOpacity: Annotated[float, Range(0.0, 1.0)] = 0.4
     exportDirectory: Path = Path()

@@ -76,7 +76,8 @@ def test_predict_on_real_ct_with_tiny_checkpoint(session, small_real_ct, tiny_ch
     p = logic.predict(ct, checkpoint=tiny_checkpoint, mode="point", point_ras=centre[:3], mask_ratio=0.75, seed=1)
     n = len(p.intensities)
     assert n == 24 and p.table_node.GetNumberOfRows() == n and p.table_node.GetNumberOfColumns() == 12
-    shown = int((p.intensities >= p.glyph.threshold).sum())
+    shown = int((p.intensities >= p.glyph.threshold * p.intensities.max()).sum())
+    assert 0 < shown <= n
     per_glyph = 50  # sphere at resolution 8
     assert p.model_node.GetPolyData().GetNumberOfPoints() == shown * per_glyph
     comp = _composites(session.scene)[0]
@@ -103,9 +104,10 @@ def test_display_controls(session, tiny_checkpoint):
     assert np.allclose(three_sigma - c, 3 * (one_sigma - c), atol=1e-4)
     logic.update_display(resolution=12)
     assert p.model_node.GetPolyData().GetNumberOfPoints() == 24 * (12 * 10 + 2)
-    cut = float(np.median(p.intensities))
-    logic.update_display(threshold=cut)
-    assert p.model_node.GetPolyData().GetNumberOfPoints() == int((p.intensities >= cut).sum()) * (12 * 10 + 2)
+    ordered = np.sort(p.intensities)
+    cut = float(ordered[11] + ordered[12]) / 2  # between two intensities: the 12 strongest stay
+    logic.update_display(threshold=cut / ordered[-1])  # a fraction of the strongest
+    assert p.model_node.GetPolyData().GetNumberOfPoints() == 12 * (12 * 10 + 2) and p.shown == 12
     logic.update_display(prediction_opacity=0.7)
     assert _composites(session.scene)[0].GetForegroundOpacity() == pytest.approx(0.7)
 
