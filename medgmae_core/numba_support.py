@@ -114,6 +114,31 @@ def get_num_threads() -> int:
 
 
 # ------------------------------------------------------------- fast exp helpers
+def exp_constants(dtype) -> "np.ndarray":
+    """Taylor coefficients (1, 1/2, 1/6, 1/24, 1/120) of exp in ``dtype`` for ``poly_exp32``.
+
+    Pass them into float32 kernels as typed scalars: a Python float literal would
+    promote the polynomial to float64 and halve the SIMD width.
+    """
+    import numpy as np
+    return np.array([1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120], dtype=dtype)
+
+
+@njit(inline="always")
+def poly_exp32(y, k0, k1, k2, k3, k4):
+    """exp(32*y) for y in [-0.15, 0] (i.e. exp(x) on [-4.8, 0] with y = x/32), in the dtype of its arguments.
+
+    Degree-5 Taylor polynomial of exp(y), squared five times; k0..k4 from ``exp_constants``.
+    No branches, so loops calling it vectorise.
+    """
+    p = k0 + y * (k0 + y * (k1 + y * (k2 + y * (k3 + y * k4))))
+    p = p * p
+    p = p * p
+    p = p * p
+    p = p * p
+    return p * p
+
+
 @njit(inline="always")
 def fast_exp(x):
     """exp(x) for x <= 0 (meant for Gaussian exponents; -87 and below give 0).
@@ -154,4 +179,5 @@ def exp_quadratic_line(a, b, c, n, out):
 
 
 __all__ = ["numba_available", "numba_unavailable_reason", "configure_numba_cache", "njit", "prange",
-           "set_num_threads", "get_num_threads", "fast_exp", "exp_quadratic_line", "EXP_REANCHOR"]
+           "set_num_threads", "get_num_threads", "fast_exp", "poly_exp32", "exp_constants", "exp_quadratic_line",
+           "EXP_REANCHOR"]
