@@ -78,8 +78,11 @@ def installed_version(name: str) -> str | None:
 def core_requirements(pyproject: Path | None = None) -> list[str]:
     """medgmae_core's runtime requirements: from the source tree's pyproject.toml, else the installed metadata."""
     pyproject = pyproject or REPO_ROOT / "pyproject.toml"
-    if pyproject.is_file():
-        import tomllib
+    try:
+        import tomllib  # Python >= 3.11 (Slicer >= 5.8)
+    except ImportError:
+        tomllib = None
+    if pyproject.is_file() and tomllib is not None:
         with open(pyproject, "rb") as f:
             return list(tomllib.load(f)["project"]["dependencies"])
     requires = importlib.metadata.requires(CORE_DISTRIBUTION) or []

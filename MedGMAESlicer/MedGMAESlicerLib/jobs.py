@@ -66,10 +66,15 @@ class JobResult:
 
 def python_executable() -> str:
     """The Python that runs jobs: Slicer's ``PythonSlicer`` inside the app, else this interpreter."""
-    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app"):
-        launcher = shutil.which("PythonSlicer")
-        if launcher:
-            return launcher
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and getattr(slicer, "app", None) is not None:
+        name = "PythonSlicer.exe" if IS_WINDOWS else "PythonSlicer"
+        launcher = Path(slicer.app.slicerHome) / "bin" / name
+        if launcher.is_file():
+            return str(launcher)
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
     return sys.executable
 
 

@@ -127,3 +127,19 @@ def test_real_cli_error_is_reported(tmp_path):
     result = BackgroundJob.cli("no-such-command", python=sys.executable).wait_for_completion(timeout=60)
     assert result.state == JobState.FAILED and result.returncode == 2
     assert "invalid choice: 'no-such-command'" in result.error
+
+
+def test_jobs_run_with_slicers_python(tmp_path, monkeypatch):
+    """Inside the app the CLI runs with Slicer's own PythonSlicer launcher; outside, with this interpreter."""
+    import types
+
+    from MedGMAESlicerLib.jobs import python_executable
+    launcher = tmp_path / "bin" / ("PythonSlicer.exe" if sys.platform.startswith("win") else "PythonSlicer")
+    launcher.parent.mkdir()
+    launcher.write_text("")
+    fake = types.ModuleType("slicer")
+    fake.app = types.SimpleNamespace(slicerHome=str(tmp_path))
+    monkeypatch.setitem(sys.modules, "slicer", fake)
+    assert python_executable() == str(launcher)
+    fake.app = None  # slicer-core: no application
+    assert python_executable() == sys.executable
