@@ -44,6 +44,7 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self._parameterNode = None
         self._guiTag = None
+        self._predicting = self._cancelPredict = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -55,8 +56,7 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.installLogic = InstallLogic(log=self.ui.installStatusLabel.setText)
 
         self.ui.previewMaskButton.clicked.connect(lambda: self._run(self.ui.maskStatusLabel, self.logic.preview_mask_from_parameters))
-        self.ui.predictButton.clicked.connect(lambda: self._run(self.ui.predictStatusLabel, self.logic.predict_from_parameters,
-                                                                progress=self._predictProgress))
+        self.ui.predictButton.clicked.connect(self.onPredict)
         self.ui.exportPlyButton.clicked.connect(lambda: self._run(self.ui.predictStatusLabel, self.logic.export_ply_from_parameters))
         self.ui.exportNiftiButton.clicked.connect(lambda: self._run(self.ui.predictStatusLabel, self.logic.export_nifti_from_parameters))
         self.ui.windowPointSelector.currentNodeChanged.connect(self.ui.windowPointPlaceWidget.setCurrentNode)
@@ -124,10 +124,26 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasPrediction:
             self.logic.update_display_from_parameters(params)
 
+    def onPredict(self):
+        """Predict runs in the GUI thread with events processed between windows; the button cancels it meanwhile."""
+        if self._predicting:
+            self._cancelPredict = True
+            return
+        self._predicting, self._cancelPredict = True, False
+        self.ui.predictButton.text = "Cancel"
+        try:
+            self._run(self.ui.predictStatusLabel, self.logic.predict_from_parameters, progress=self._predictProgress)
+        finally:
+            self._predicting = False
+            self.ui.predictButton.text = "Predict"
+            self.ui.predictProgressBar.visible = False
+
     def _predictProgress(self, fraction, text=""):
         self.ui.predictProgressBar.visible = fraction < 1.0
         self.ui.predictProgressBar.value = int(100 * fraction)
+        self.ui.predictStatusLabel.text = text
         slicer.app.processEvents()
+        return self._cancelPredict
 
     def _run(self, statusLabel, action, **kwargs):
         with slicer.util.tryWithErrorDisplay("MedGMAE failed.", waitCursor=True):

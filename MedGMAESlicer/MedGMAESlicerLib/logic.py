@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 MASK_LABEL = 1  # label value of hidden patches
 
 
+class PredictionCancelled(Exception):
+    """The user cancelled a running prediction."""
+
+
 # ----------------------------------------------------------------------------- MRML helpers
 def _slicer():
     import slicer
@@ -228,11 +232,12 @@ class MedGMAELogic(BackgroundLogic):
     def predict(self, volume_node, *, checkpoint: str | Path | None = None, mode: str = "point",
                 point_ras=None, mask_ratio: float = 0.0, seed: int = 0, device: str = "auto",
                 glyph: GlyphSettings | None = None, prediction_opacity: float = 0.4, model=None,
-                progress: Callable[[float, str], None] | None = None, interactive: bool = False) -> "Prediction":
+                progress: Callable[[float, str], bool | None] | None = None, interactive: bool = False) -> "Prediction":
         """Predict Gaussians for one model window around ``point_ras`` (``mode="point"``; default: the volume
         centre) or the whole volume (``mode="whole"``, sliding windows), and show them: glyph model node in RAS,
         rendered prediction as the foreground layer, a table of the Gaussian parameters. ``model`` (an already
-        loaded model) replaces ``checkpoint``."""
+        loaded model) replaces ``checkpoint``. ``progress(fraction, text)`` is called between stages and windows;
+        when it returns True the prediction stops with :class:`PredictionCancelled` and the scene is unchanged."""
         import torch
         from medgmae_core import inference, spatial
         from medgmae_core.data.transforms import HU_WINDOW
@@ -241,7 +246,10 @@ class MedGMAELogic(BackgroundLogic):
             raise ValueError(f"window mode must be 'point' or 'whole', got {mode!r}")
         MedGMAEParameters(maskRatio=mask_ratio, seed=seed, device=device)
         timings = Timings()
-        report = progress or (lambda fraction, text="": None)
+        def report(fraction: float, text: str = "") -> None:
+            if progress is not None and progress(fraction, text):  # a true return value asks to stop
+                raise PredictionCancelled("prediction cancelled")
+
         if model is None:
             with timings("load model"):
                 model, _ = self.load_model(checkpoint, device)
@@ -265,6 +273,7 @@ class MedGMAELogic(BackgroundLogic):
                                                   progress=lambda done, total: report(0.1 + 0.8 * done / total,
                                                                                       f"window {done}/{total}"))
                 gaussians, pred, pred_affine = result.gaussians, result.pred.cpu().numpy(), prepared.ijk_to_ras
+        report(0.92, "building glyphs")  # the last chance to cancel: the scene is changed from here on
         centres_ras, axes_ras = spatial.gaussians_to_world(gaussians, prepared.shape, prepared.ijk_to_ras)
         intensities = gaussians.intensities.detach().reshape(-1).cpu().double().numpy()
         prediction = Prediction(volume_node, centres_ras, axes_ras, intensities, mode=mode,
@@ -282,7 +291,6 @@ class MedGMAELogic(BackgroundLogic):
         if display is not None:
             display.SetAutoWindowLevel(False)
             display.SetWindowLevelMinMax(lo, hi)
-        report(0.92, "building glyphs")
         prediction.glyph = glyph or GlyphSettings()
         prediction.model_node = old.model_node if old else None
         with timings("glyphs"):
@@ -291,7 +299,8 @@ class MedGMAELogic(BackgroundLogic):
         set_slice_layers(self.scene, background=volume_node, foreground=prediction.prediction_node,
                          foreground_opacity=prediction_opacity)
         self.last_prediction = prediction
-        report(1.0, "done")
+        if progress is not None:
+            progress(1.0, "done")
         self.say(self.status_text())
         return prediction
 
@@ -307,10 +316,14 @@ class MedGMAELogic(BackgroundLogic):
                 to_local = vtk.vtkGeneralTransform()
                 params.inputVolume.GetParentTransformNode().GetTransformFromWorld(to_local)
                 point = list(to_local.TransformPoint(point))
-        return self.predict(params.inputVolume, checkpoint=params.checkpointPath, mode=params.windowMode,
-                            point_ras=point, mask_ratio=params.maskRatio if params.predictFromMasked else 0.0,
-                            seed=params.seed, device=params.device, glyph=GlyphSettings.from_parameters(params),
-                            prediction_opacity=params.predictionOpacity, progress=progress, interactive=interactive)
+        try:
+            return self.predict(params.inputVolume, checkpoint=params.checkpointPath, mode=params.windowMode,
+                                point_ras=point, mask_ratio=params.maskRatio if params.predictFromMasked else 0.0,
+                                seed=params.seed, device=params.device, glyph=GlyphSettings.from_parameters(params),
+                                prediction_opacity=params.predictionOpacity, progress=progress,
+                                interactive=interactive)
+        except PredictionCancelled:
+            return self.say("Prediction cancelled.")
 
     # ------------------------------------------------------------------ display
     def _update_glyphs(self, prediction: "Prediction", force: bool = False) -> None:

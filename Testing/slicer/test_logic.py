@@ -126,6 +126,15 @@ def test_whole_volume_prediction(session, tiny_checkpoint):
     vox = spatial.ras_to_voxel(p.centres_ras, prepared.ijk_to_ras)
     assert len(vox) > 24 and np.all(vox > -1.0) and np.all(vox < np.asarray(prepared.shape))
     assert "over the whole volume" in logic.status_text()
+    # Cancel from the progress callback (the panel's Cancel button): stops between windows, scene unchanged
+    from MedGMAESlicerLib.logic import PredictionCancelled
+    nodes = session.scene.GetNumberOfNodes()
+    seen = []
+    with pytest.raises(PredictionCancelled):
+        logic.predict(volume, checkpoint=tiny_checkpoint, mode="whole", seed=1,
+                      progress=lambda f, t="": seen.append(t) or t.startswith("window 2/"))
+    assert seen[-1].startswith("window 2/") and session.scene.GetNumberOfNodes() == nodes
+    assert logic.last_prediction is p
 
 
 # ----------------------------------------------------------------------------- export, scene, 3D view
