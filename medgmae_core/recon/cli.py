@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fit import FitConfig, GaussianParams, ReconstructionFit
+from .fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
 from .initialisation import INIT_METHODS, calibrate_intensities, initialise
 from .io import ProjectionData, is_data_exchange, load_projections, mu_to_hu, save_projections, simulate_from_ct
 from .metrics import psnr, ssim
@@ -39,21 +39,6 @@ DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_tiny.pt"
 
 
 # ------------------------------------------------------------------ pieces
-class GeometryProjector:
-    """``project(gaussians, views)`` for the fit: analytic line integrals of a subset of views."""
-
-    def __init__(self, geometry, *, backend: str = "auto", cutoff: float = 3.0) -> None:
-        self.geometry = geometry
-        self.backend = backend
-        self.cutoff = cutoff
-
-    def __call__(self, gaussians, views: torch.Tensor | None = None) -> torch.Tensor:
-        from ..xray.gaussian_projector import project_gaussians
-
-        geom = self.geometry if views is None else self.geometry.copy_with(angles=self.geometry.angles[views.cpu()])
-        return project_gaussians(gaussians, geom, cutoff=self.cutoff, backend=self.backend)
-
-
 def analytic_reconstruction(data: ProjectionData, filter_name: str = "ram-lak") -> torch.Tensor:
     """FBP (parallel) or FDK (cone) of the measured projections -> ``[D, H, W]``."""
     from ..xray.fbp import reconstruct_analytic

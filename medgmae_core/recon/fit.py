@@ -316,6 +316,21 @@ class Projector(Protocol):
         """Line integrals ``[1, V', rows, cols]`` of the selected views (all when ``views`` is None)."""
 
 
+class GeometryProjector:
+    """``project(gaussians, views)`` for the fit: analytic line integrals of a subset of views."""
+
+    def __init__(self, geometry, *, backend: str = "auto", cutoff: float = 3.0) -> None:
+        self.geometry = geometry
+        self.backend = backend
+        self.cutoff = cutoff
+
+    def __call__(self, gaussians, views: torch.Tensor | None = None) -> torch.Tensor:
+        from ..xray.gaussian_projector import project_gaussians
+
+        geom = self.geometry if views is None else self.geometry.copy_with(angles=self.geometry.angles[views.cpu()])
+        return project_gaussians(gaussians, geom, cutoff=self.cutoff, backend=self.backend)
+
+
 @dataclass
 class FitResult:
     params: GaussianParams
@@ -485,6 +500,6 @@ class ReconstructionFit:
         return self.result
 
 
-__all__ = ["FitConfig", "GaussianParams", "ReconstructionFit", "FitResult", "DensifyStats", "densify_and_prune",
+__all__ = ["FitConfig", "GaussianParams", "GeometryProjector", "ReconstructionFit", "FitResult", "DensifyStats", "densify_and_prune",
            "xyz_learning_rate", "build_optimizer", "tv_of_random_subvolume", "subvolume_gaussians",
            "PSNR_TARGETS", "CHECKPOINT_FORMAT"]

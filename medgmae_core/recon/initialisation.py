@@ -217,7 +217,7 @@ def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoi
     inside = ((pred.centres[0] >= 0) & (pred.centres[0] <= 1)).all(-1)
     pred = pred.select(inside)
     if pred.num_gaussians == 0:
-        raise ValueError("the model predicted no Gaussians inside the volume")
+        raise ValueError("the model predicted no Gaussians inside the volume (is the checkpoint trained?)")
     amplitude = get_convention(getattr(config, "render_convention", "paper")).amplitude
     scale = amplitude * (mu_hi - mu_lo)
     log.info("medgmae init: %d Gaussians from %s windows on a %s grid; intensity x %.4g", pred.num_gaussians,
