@@ -139,3 +139,14 @@ def test_widget_calls_only_existing_logic_methods():
     assert sorted(n for n in logic_names - defined_here if not hasattr(logic, n)) == []
     assert sorted(n for n in install_names if not hasattr(InstallLogic, n)) == []
     assert len(code.splitlines()) < 200, "MedGMAESlicer.py should stay thin"
+
+
+def test_cmake_lists_every_script_and_resource():
+    cmake = (REPO / "MedGMAESlicer" / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"\$\{MODULE_NAME\}Lib/(\w+\.py)", cmake))
+    on_disk = {p.name for p in (REPO / "MedGMAESlicer" / "MedGMAESlicerLib").glob("*.py")}
+    assert listed == on_disk, f"missing from CMakeLists: {on_disk - listed}; listed but absent: {listed - on_disk}"
+    assert "slicerMacroBuildScriptedModule" in cmake and "WITH_GENERIC_TESTS" in cmake
+    resources = re.findall(r"(UI|Icons)/\$\{MODULE_NAME\}\.(ui|png)", cmake)
+    assert {r[0] for r in resources} == {"UI", "Icons"}
+    assert (REPO / "Resources" / "Icons" / "MedGMAESlicer.png").stat().st_size > 500 and UI_FILE.is_file()
