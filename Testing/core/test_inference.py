@@ -186,3 +186,42 @@ def test_prepare_ct_rejects_non_ct_unless_told():
         inference.prepare_ct(values, np.eye(4))
     prepared = inference.prepare_ct(values, np.diag([1.5, 1.5, 1.5, 1.0]), check_ct=False)
     assert prepared.shape == (20, 20, 10)
+
+
+def _ramp_ct(shape, affine, grad=(3.0, -2.0, 1.5), base=20.0):
+    """A HU field linear in RAS (values stay inside the HU window), plus air and fat so it passes the CT check."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float64)
+    hu = (spatial.voxel_to_ras(ijk, affine) - affine[:3, 3]) @ np.asarray(grad) + base
+    return hu.astype(np.float32), np.asarray(grad), base
+
+
+def test_prepare_ct_resamples_exactly_for_a_linear_field():
+    """Trilinear resampling reproduces a field linear in RAS exactly: every prepared voxel must hold the windowed
+    value of the field at its own RAS position (checks orientation, spacing and the new affine together)."""
+    c, s = np.cos(0.2), np.sin(0.2)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([3.0, 2.5, 3.0])
+    affine[:3, 3] = [30.0, -10.0, 5.0]
+    hu, grad, base = _ramp_ct((12, 10, 8), affine, grad=(1.0, -1.5, 2.0))
+    prepared = inference.prepare_ct(hu, affine, check_ct=False)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in prepared.shape], indexing="ij"), -1)
+    want = ((spatial.voxel_to_ras(ijk, prepared.ijk_to_ras) - affine[:3, 3]) @ grad + base + 175.0) / 425.0
+    np.testing.assert_allclose(prepared.volume.numpy(), np.clip(want, 0, 1), atol=2e-5)
+    # RAS-closest orientation: the affine's diagonal points along +R, +A, +S
+    assert np.all(np.diag(prepared.ijk_to_ras)[:3] > 0)
+
+
+def test_prepare_ct_matches_monai_inference_transforms_without_resampling():
+    """Reference: the MONAI pipeline of data.transforms (same orientation and window when no resampling)."""
+    from monai.data import MetaTensor
+
+    from medgmae_core.data.transforms import inference_transforms
+
+    affine = np.diag([-1.5, 1.5, -1.5, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    hu = np.random.default_rng(0).uniform(-1000, 400, (14, 12, 10)).astype(np.float32)
+    ours = inference.prepare_ct(hu, affine)
+    ref = inference_transforms(1.5, load=False)({"image": MetaTensor(torch.from_numpy(hu)[None],
+                                                                     affine=torch.from_numpy(affine))})["image"]
+    np.testing.assert_allclose(ours.volume.numpy(), np.asarray(ref[0]), atol=1e-6)
+    np.testing.assert_allclose(ours.ijk_to_ras, np.asarray(ref.affine), atol=1e-6)
