@@ -99,7 +99,6 @@ def test_real_pretraining_in_background_cancel_and_resume(tmp_path, monkeypatch)
 
 def test_parameters_drive_the_panels(session, tmp_path):
     """The panel path: parameters -> command line for training, CT written for a simulated reconstruction."""
-    import medgmae_core  # noqa: F401
     from MedGMAESlicerLib.logic import add_volume
 
     vol = add_volume(session.scene, np.full((8, 8, 8), 40.0, np.float32), np.eye(4), "ct")

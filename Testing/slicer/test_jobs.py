@@ -1,7 +1,6 @@
 """The background job runner with real child processes: ordered progress, whole-tree cancel, crash reports."""
 from __future__ import annotations
 
-import json
 import sys
 import textwrap
 import time
