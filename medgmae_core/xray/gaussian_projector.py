@@ -156,12 +156,13 @@ def _patch_origin(centre: torch.Tensor, half: torch.Tensor, size: torch.Tensor, 
     return torch.minimum(start, (limit - size).to(start.dtype)).long()
 
 
-def splat_torch(params: torch.Tensor, rows: int, cols: int, cutoff: float, max_pairs: int = 1 << 22) -> torch.Tensor:
-    """Gaussian-centric patches, bucketed by size: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
+def _patch_batches(params: torch.Tensor, rows: int, cols: int, cutoff: float, max_pairs: int):
+    """Yield ``(idx, image, row0, col0, sr, sc)``: batches of splats (flat indices into ``[N*k]``)
+    sharing one ``sr x sc`` patch size, at most ~``max_pairs`` pixels per batch."""
     batch, views, k, _ = params.shape
-    flat = params.reshape(-1, SPLAT_PARAMS)  # [N*k, 6]
-    image = torch.arange(batch * views, device=params.device).repeat_interleave(k)  # [N*k]
     with torch.no_grad():
+        flat = params.detach().reshape(-1, SPLAT_PARAMS)  # [N*k, 6]
+        image = torch.arange(batch * views, device=params.device).repeat_interleave(k)  # [N*k]
         half_r, half_c = splat_extents(flat, cutoff)
         size_r = _bucket(torch.floor(2 * half_r).long() + 1, rows)
         size_c = _bucket(torch.floor(2 * half_c).long() + 1, cols)
@@ -170,41 +171,79 @@ def splat_torch(params: torch.Tensor, rows: int, cols: int, cutoff: float, max_p
         row0 = _patch_origin(flat[:, 1], half_r, size_r, rows)
         col0 = _patch_origin(flat[:, 0], half_c, size_c, cols)
         key = size_r * 4096 + size_c
-    out = params.new_zeros(batch * views * rows * cols)
     for bucket in torch.unique(key[visible]).tolist():
         members = (visible & (key == bucket)).nonzero().squeeze(1)
         sr, sc = bucket // 4096, bucket % 4096
         step = max(1, max_pairs // (sr * sc))
         for start in range(0, members.numel(), step):
             idx = members[start:start + step]
-            out = out.index_add(0, *_patch_values(flat[idx], image[idx], row0[idx], col0[idx], sr, sc, rows, cols, cutoff))
-    return out.reshape(batch, views, rows, cols)
+            yield idx, image[idx], row0[idx], col0[idx], sr, sc
 
 
-def _patch_values(p: torch.Tensor, image: torch.Tensor, row0: torch.Tensor, col0: torch.Tensor, sr: int, sc: int,
-                  rows: int, cols: int, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat pixel indices and values ``[n*sr*sc]`` of ``n`` patches of ``sr x sc``.
+def _patch_exponent(p: torch.Tensor, row0: torch.Tensor, col0: torch.Tensor, sr: int, sc: int):
+    """``-maha/2`` ``[n, P]`` over ``n`` patches of ``P = sr*sc`` pixels, the monomials ``[6, P]`` of
+    (1, i, j, i^2, ij, j^2) in centred patch coordinates, and the centres ``f_r, f_c`` ``[n]`` there.
 
-    The Mahalanobis distance is a quadratic in the patch's own (centred) pixel
-    coordinates, so all patches of a bucket are one GEMM: coefficients ``[n, 6]``
-    times monomials ``[6, sr*sc]`` of (1, i, j, i^2, ij, j^2).
+    The Mahalanobis distance is a quadratic in those coordinates, so a whole bucket is one GEMM.
     """
     ii, jj = torch.meshgrid(torch.arange(sr, device=p.device), torch.arange(sc, device=p.device), indexing="ij")
-    i = (ii.reshape(-1) - (sr - 1) / 2).to(p.dtype)  # [P] centred patch row
+    i = (ii.reshape(-1) - (sr - 1) / 2).to(p.dtype)  # [P]
     j = (jj.reshape(-1) - (sc - 1) / 2).to(p.dtype)
     monomials = torch.stack([torch.ones_like(i), i, j, i * i, i * j, j * j])  # [6, P]
-    f_r = p[:, 1] - row0.to(p.dtype) - (sr - 1) / 2  # [n] centre in patch coordinates
+    f_r = p[:, 1] - row0.to(p.dtype) - (sr - 1) / 2  # [n]
     f_c = p[:, 0] - col0.to(p.dtype) - (sc - 1) / 2
     p_cc, p_cr, p_rr = p[:, 2], p[:, 3], p[:, 4]
     coeffs = torch.stack([p_cc * f_c * f_c + 2 * p_cr * f_r * f_c + p_rr * f_r * f_r,
                           -2 * (p_cr * f_c + p_rr * f_r), -2 * (p_cc * f_c + p_cr * f_r),
                           p_rr, 2 * p_cr, p_cc], dim=1)  # [n, 6]
-    exponent = (-0.5 * coeffs) @ monomials  # [n, P] = -maha / 2
-    inside = exponent >= -0.5 * cutoff * cutoff
-    val = torch.where(inside, torch.exp(exponent), torch.zeros((), dtype=p.dtype, device=p.device)) * p[:, 5:6]
-    offsets = (ii * cols + jj).reshape(-1)  # [P]
-    index = ((image * rows + row0) * cols + col0)[:, None] + offsets  # [n, P]
-    return index.reshape(-1), val.reshape(-1)
+    return (-0.5 * coeffs) @ monomials, monomials, f_r, f_c
+
+
+def _patch_index(image, row0, col0, sr: int, sc: int, rows: int, cols: int) -> torch.Tensor:
+    """Flat output index ``[n, P]`` of every patch pixel."""
+    offsets = (torch.arange(sr, device=row0.device)[:, None] * cols + torch.arange(sc, device=row0.device)).reshape(-1)
+    return ((image * rows + row0) * cols + col0)[:, None] + offsets
+
+
+def _gauss(exponent: torch.Tensor, cutoff: float) -> torch.Tensor:
+    zero = torch.zeros((), dtype=exponent.dtype, device=exponent.device)
+    return torch.where(exponent >= -0.5 * cutoff * cutoff, torch.exp(exponent), zero)
+
+
+def splat_torch(params: torch.Tensor, rows: int, cols: int, cutoff: float, max_pairs: int = 1 << 22) -> torch.Tensor:
+    """Gaussian-centric patches, bucketed by size: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``.
+
+    Differentiable by autograd; ``project_gaussians`` uses ``splat_torch_vjp`` instead.
+    """
+    flat = params.reshape(-1, SPLAT_PARAMS)
+    out = params.new_zeros(params.shape[0] * params.shape[1] * rows * cols)
+    for idx, image, row0, col0, sr, sc in _patch_batches(params, rows, cols, cutoff, max_pairs):
+        p = flat[idx]
+        exponent = _patch_exponent(p, row0, col0, sr, sc)[0]
+        values = _gauss(exponent, cutoff) * p[:, 5:6]  # [n, P]
+        out = out.index_add(0, _patch_index(image, row0, col0, sr, sc, rows, cols).reshape(-1), values.reshape(-1))
+    return out.reshape(params.shape[0], params.shape[1], rows, cols)
+
+
+def splat_torch_vjp(params: torch.Tensor, grad: torch.Tensor, cutoff: float, max_pairs: int = 1 << 22) -> torch.Tensor:
+    """d(sum(grad * splat(params))) / d params ``[B, C, k, 6]`` from per-splat moments (two GEMMs per bucket)."""
+    rows, cols = grad.shape[-2:]
+    flat = params.detach().reshape(-1, SPLAT_PARAMS)
+    grad_flat = grad.detach().to(params.dtype).reshape(-1)
+    out = torch.zeros_like(flat)
+    for idx, image, row0, col0, sr, sc in _patch_batches(params, rows, cols, cutoff, max_pairs):
+        p = flat[idx]
+        exponent, monomials, f_r, f_c = _patch_exponent(p, row0, col0, sr, sc)
+        weights = _gauss(exponent, cutoff) * grad_flat[_patch_index(image, row0, col0, sr, sc, rows, cols)]  # [n, P]
+        s1, s_i, s_j, s_ii, s_ij, s_jj = (weights @ monomials.T).unbind(1)  # sums of w * (1, i, j, i^2, ij, j^2)
+        m_u, m_v = s_j - f_c * s1, s_i - f_r * s1  # moments of du = j - f_c, dv = i - f_r
+        m_uu = s_jj - 2 * f_c * s_j + f_c * f_c * s1
+        m_uv = s_ij - f_c * s_i - f_r * s_j + f_r * f_c * s1
+        m_vv = s_ii - 2 * f_r * s_i + f_r * f_r * s1
+        amp, p_cc, p_cr, p_rr = p[:, 5], p[:, 2], p[:, 3], p[:, 4]
+        out[idx] = torch.stack([amp * (p_cc * m_u + p_cr * m_v), amp * (p_cr * m_u + p_rr * m_v), -0.5 * amp * m_uu,
+                                -amp * m_uv, -0.5 * amp * m_vv, s1], dim=1)
+    return out.reshape(params.shape)
 
 
 # ----------------------------------------------------------- stage 2: numba
@@ -370,18 +409,31 @@ def splat_numba(params: torch.Tensor, rows: int, cols: int, cutoff: float) -> to
     return _NumbaSplat.apply(params, rows, cols, cutoff)
 
 
-def _autograd_vjp(splat):
+VJP_PAIRS = 1 << 23  # (Gaussian, pixel) evaluations per autograd chunk in the torch / reference VJPs
+
+
+def _dense_cost(params: torch.Tensor, rows: int, cols: int, cutoff: float) -> float:
+    return params.shape[0] * params.shape[1] * rows * cols
+
+
+def _autograd_vjp(splat, cost):
+    """VJP of a torch splat by autograd, in chunks over k (the splat is a sum over Gaussians)."""
     def vjp(params: torch.Tensor, grad: torch.Tensor, cutoff: float) -> torch.Tensor:
+        rows, cols = grad.shape[-2:]
+        step = max(1, int(VJP_PAIRS // max(1.0, cost(params, rows, cols, cutoff))))
+        out = torch.empty_like(params)
         with torch.enable_grad():
-            leaf = params.detach().requires_grad_(True)
-            out = splat(leaf, grad.shape[-2], grad.shape[-1], cutoff)
-            return torch.autograd.grad(out, leaf, grad)[0]
+            for start in range(0, params.shape[2], step):
+                leaf = params[:, :, start:start + step].detach().requires_grad_(True)
+                image = splat(leaf, rows, cols, cutoff)
+                out[:, :, start:start + step] = torch.autograd.grad(image, leaf, grad)[0]
+        return out
     return vjp
 
 
 SPLATTERS = {"reference": splat_reference, "torch": splat_torch, "numba": splat_numba}
 FORWARDS = {"reference": splat_reference, "torch": splat_torch, "numba": _numba_forward}
-VJPS = {"reference": _autograd_vjp(splat_reference), "torch": _autograd_vjp(splat_torch), "numba": _numba_vjp}
+VJPS = {"reference": _autograd_vjp(splat_reference, _dense_cost), "torch": splat_torch_vjp, "numba": _numba_vjp}
 
 
 # ----------------------------------------------------------------- driver
