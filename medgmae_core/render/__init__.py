@@ -77,7 +77,7 @@ def render_volume(gaussians: GaussianSet, shape, *, cutoff: float | None = 3.0,
         from .cpu_kernel import render_numba
         return render_numba(centres, precisions, amps, clip, shape, radius)
     from .tiles import render_tiles
-    return render_tiles(centres, precisions, amps, clip, shape, radius)
+    return render_tiles(centres, precisions, amps, clip, shape, radius, clip_is_volume=not conv.release_box)
 
 
 __all__ = ["render_volume", "render_reference", "resolve_backend", "BACKENDS", "BACKEND_ENV", "CONVENTIONS",

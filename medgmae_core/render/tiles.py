@@ -54,28 +54,36 @@ def enumerate_pairs(boxes: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch
 
 
 def _splat_chunk(centres_v, prec_v, amps, gid, tiles, box, phi, r2: float, tile: int):
-    """``[C, T^3]`` contributions of one chunk of (Gaussian, tile) pairs."""
+    """``[C, T^3]`` contributions of one chunk of (Gaussian, tile) pairs.
+
+    ``box`` (``[C,3,2]`` voxel ranges) is tested per voxel only when given: the paper
+    convention needs just the ellipsoid (voxels past the volume edge are cropped later).
+    """
     c = centres_v[gid] - tiles * tile  # [C, 3] centre in tile-local voxel units
     p = prec_v[gid]  # [C, 3, 3]
     pc = (p @ c[..., None])[..., 0]  # [C, 3]
     psi = torch.stack([p[:, 0, 0], p[:, 1, 1], p[:, 2, 2], p[:, 0, 1], p[:, 0, 2], p[:, 1, 2],
                        -2 * pc[:, 0], -2 * pc[:, 1], -2 * pc[:, 2], (c * pc).sum(-1)], dim=-1)  # [C, 10]
     q = psi @ phi.T  # [C, T^3]
-    # voxel-index box test per axis, combined into [C, T^3]
-    idx = tiles[:, :, None] * tile + torch.arange(tile, device=tiles.device)  # [C, 3, T]
-    inside = (idx >= box[:, :, 0:1]) & (idx <= box[:, :, 1:2])  # [C, 3, T]
-    mask = (inside[:, 0, :, None, None] & inside[:, 1, None, :, None] & inside[:, 2, None, None, :]).reshape(q.shape)
+    outside = None
     if math.isfinite(r2):
-        mask = mask & (q <= r2)
-    weight = torch.exp(-0.5 * q) * mask
-    return amps[gid, None] * weight
+        outside = q > r2
+    if box is not None:
+        idx = tiles[:, :, None] * tile + torch.arange(tile, device=tiles.device)  # [C, 3, T]
+        inside = (idx >= box[:, :, 0:1]) & (idx <= box[:, :, 1:2])  # [C, 3, T]
+        in_box = (inside[:, 0, :, None, None] & inside[:, 1, None, :, None] & inside[:, 2, None, None, :])
+        outside = ~in_box.reshape(q.shape) if outside is None else outside | ~in_box.reshape(q.shape)
+    if outside is not None:
+        q = q.masked_fill(outside, math.inf)  # exp(-inf) = 0, with a zero gradient
+    return amps[gid, None] * torch.exp(-0.5 * q)
 
 
 def render_tiles(centres: torch.Tensor, precisions: torch.Tensor, amps: torch.Tensor, clip: torch.Tensor,
                  shape: tuple[int, int, int], radius: float, *, tile: int = TILE,
-                 max_chunk_elements: int = MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+                 max_chunk_elements: int = MAX_CHUNK_ELEMENTS, clip_is_volume: bool = False) -> torch.Tensor:
     """``[B,D,H,W]``: sum of amps*exp(-d^T P d / 2) over voxels inside the radius-sigma ellipsoid
     (``radius=inf``: no ellipsoid test) and inside ``clip`` (``[B,k,3,2]`` inclusive voxel ranges).
+    ``clip_is_volume=True`` says ``clip`` is the whole volume, which skips the per-voxel box test.
 
     centres ``[B,k,3]`` and precisions ``[B,k,3,3]`` are in normalised units; differentiable in
     centres, precisions and amps.
@@ -101,7 +109,7 @@ def render_tiles(centres: torch.Tensor, precisions: torch.Tensor, amps: torch.Te
         t = tiles[start:start + chunk]
         b = torch.div(g, k, rounding_mode="floor")
         slot = ((b * ntiles[0] + t[:, 0]) * ntiles[1] + t[:, 1]) * ntiles[2] + t[:, 2]
-        args = (centres_v, prec_v, amps_f, g, t, box_f[g], phi, r2, tile)
+        args = (centres_v, prec_v, amps_f, g, t, None if clip_is_volume else box_f[g], phi, r2, tile)
         contrib = checkpoint(_splat_chunk, *args, use_reentrant=False) if needs_grad else _splat_chunk(*args)
         out.index_add_(0, slot, contrib)
     vol = out.reshape(batch, ntiles[0], ntiles[1], ntiles[2], tile, tile, tile)
