@@ -62,6 +62,16 @@ def test_settings_yaml_and_flags(tmp_path):
     assert pretrain.resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", pretrain.shipped_configs())
+def test_shipped_example_configs_are_valid(name):
+    assert len(pretrain.shipped_configs()) >= 3
+    args = cli.build_parser(["pretrain"]).parse_args(["pretrain", "--config", name, "--data", "phantom:1"])
+    given = pretrain.explicit_settings(args)
+    cfg = pretrain.validate_settings({**{k: v for k, (v, _) in pretrain.SETTINGS.items()}, **given})
+    config = pretrain.build_model_config(cfg)
+    assert config.img_size == (96, 96, 96) and cfg["data"] == "phantom:1"
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     code = cli.main(["pretrain", "--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -234,3 +244,14 @@ def test_loss_falls_on_real_ct(objective, lr, steps, small_real_ct, tmp_path, ca
 
     before, after = evaluate(initial), evaluate(trained)
     assert after < 0.85 * before, (objective, before, after)
+
+
+def test_medgmae_star_with_bf16_autocast(tmp_path, capsys):
+    argv = [a if a != "voxel" else "gaussian_star" for a in TINY]
+    code, events = _run(["--config", str(_yaml(tmp_path)), *argv, "--num-gaussians", "8", "--amp", "bf16",
+                         "--steps", "1", "--out-dir", str(tmp_path / "star"), "--progress-json"], capsys)
+    assert code == 0
+    loss = [e["loss"] for e in events if e["event"] == "progress"]
+    assert len(loss) == 1 and 0 < loss[0] < 1
+    model, config = load_model(tmp_path / "star" / "last.pt")
+    assert config.objective == "gaussian_star" and all(p.dtype == torch.float32 for p in model.parameters())

@@ -96,8 +96,19 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected N or N,N,N, got {text!r}") from None
 
 
+EXAMPLES = """examples:
+  medgmae pretrain --data phantom:8 --steps 200 --out-dir runs/phantom        # no data needed
+  medgmae pretrain --config pretrain_tiny_cpu --data /path/to/cts --objective voxel
+  medgmae pretrain --config run.yaml --resume auto                             # continue exactly
+  torchrun --nproc_per_node=4 -m medgmae_core.cli pretrain --config pretrain_large_gpu --data list.json
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it), or the name of "
+                        f"a shipped example: {', '.join(shipped_configs())}")
     types: dict[str, Any] = {"spacing_mm": float, "crops_per_case": int, "pos": float, "neg": float,
                              "phantom_shape": _int_list, "img_size": _int_list, "patch_size": _int_list,
                              "num_gaussians": int, "mask_ratio": float, "steps": int, "batch_size": int, "lr": float,
@@ -118,12 +129,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 default=argparse.SUPPRESS, help=help_text)
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the example YAMLs in ``medgmae_core/configs`` (usable as ``--config NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path, or the name of a shipped example (``phantom`` or ``pretrain_phantom``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"pretrain_{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config file not found: {path} (shipped examples: {', '.join(shipped_configs())})")
+
+
 def _load_yaml(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML file; ``null`` values count as not given."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = resolve_config_path(path)
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -134,9 +163,9 @@ def _load_yaml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(content) - set(SETTINGS))
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(SETTINGS)}")
-    if not isinstance(content.get("model_overrides", {}), dict):
+    if not isinstance(content.get("model_overrides") or {}, dict):
         raise ValueError(f"{path}: model_overrides must be a mapping of ModelConfig fields")
-    return content
+    return {k: v for k, v in content.items() if v is not None}
 
 
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
