@@ -7,7 +7,7 @@ map (``--label-map``, e.g. TotalSegmentator's ``labels_total_v2.json``) names th
 contiguous ids 1..K. ``--label-fraction`` keeps that share of the training cases (at least one),
 chosen by a permutation seeded with ``--seed``.
 
-Pipeline (pre-training's, with a label key): load, same-grid check, label remap, CT check, RAS,
+Pipeline (pre-training's, with a label key): load, RAS, same-grid check, label remap, CT check,
 spacing (bilinear / nearest), HU window, foreground crop, pad; then per step
 ``RandCropByPosNegLabeld`` on the label, flips and rot90. Step ``s``'s batch depends only on
 (seed, s), so a resumed run sees the batches an uninterrupted one would.
@@ -108,8 +108,10 @@ def preprocess_transforms(task: LabelMap, source: LabelMap | None, *, spacing_mm
     window = window or HU_WINDOW
     keys = [IMAGE, LABEL]
     steps: list[Any] = [LoadCTd(IMAGE), LoadCTd(LABEL), EnsureChannelFirstd(keys=keys)] if load else []
-    steps += [CheckSameGridd(), RemapLabelsd(task, source), EnsureCTd(keys=IMAGE),
-              Orientationd(keys=keys, axcodes="RAS")]
+    # RAS first: a label exported with flipped or permuted axes (e.g. a DICOM series' NIfTI labels)
+    # then lies on the image's grid; anything else is a real mismatch
+    steps += [Orientationd(keys=keys, axcodes="RAS"), CheckSameGridd(), RemapLabelsd(task, source),
+              EnsureCTd(keys=IMAGE)]
     if spacing_mm is not None:
         sp = tuple(spacing_mm) if isinstance(spacing_mm, (list, tuple)) else (float(spacing_mm),) * 3
         steps.append(Spacingd(keys=keys, pixdim=sp, mode=("bilinear", "nearest")))
