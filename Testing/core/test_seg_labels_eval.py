@@ -126,6 +126,19 @@ def test_evaluate_cli_with_sidecar(ts, tmp_path, capsys):
     assert "spleen" in capsys.readouterr().out
 
 
+def test_evaluate_merged_class_uses_its_sources(ts, total_map, tmp_path):
+    """A 'kidneys' class trained from kidney_left+kidney_right is scored against both reference labels."""
+    img = nib.load(ts / "example_seg.nii.gz")
+    seg = np.asarray(img.dataobj)
+    task = total_map.select("kidneys=kidney_left+kidney_right")
+    write_nifti(remap_labels(seg, task, total_map), img.affine, tmp_path / "k.nii.gz")
+    task.save_json(sidecar_path(tmp_path / "k.nii.gz"))
+    res = evaluate_files(tmp_path / "k.nii.gz", ts / "example_seg.nii.gz", labels=ts / "labels_total_v2.json",
+                         with_hd95=False)
+    assert res["classes"]["kidneys"]["dice"] == 1.0
+    assert res["classes"]["kidneys"]["ref_voxels"] == int(np.isin(seg, [2, 3]).sum())
+
+
 def test_evaluate_errors(ts, tmp_path):
     from medgmae_core.cli import main
 

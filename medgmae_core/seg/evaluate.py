@@ -95,6 +95,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reference_ids(name: str, idx: int, task: LabelMap, ref_map: LabelMap) -> tuple[int, ...]:
+    """Reference ids of a predicted class: by name, else the ids it was trained from (a merged class
+    such as ``kidneys=kidney_left+kidney_right`` keeps them in its ``sources``)."""
+    if name in ref_map.names.values():
+        return (ref_map.id_of(name),)
+    src = (task.sources or {}).get(idx)
+    if src and all(s in ref_map.names for s in src):
+        return tuple(src)
+    return (ref_map.id_of(name),)  # raises, naming the class and close matches
+
+
 def _load_map(path: str | Path | None) -> LabelMap | None:
     return LabelMap.from_json(path) if path else None
 
@@ -123,7 +134,7 @@ def evaluate_files(pred_path: str | Path, ref_path: str | Path, *, labels: str |
         task = pred_map.select(classes) if classes else pred_map
         if classes:
             pred = remap_labels(pred, task, pred_map, origin=f"prediction {pred_path}")
-        ref_task = LabelMap(dict(task.names), {k: (ref_map.id_of(n),) for k, n in task.names.items()})
+        ref_task = LabelMap(dict(task.names), {k: _reference_ids(n, k, task, ref_map) for k, n in task.names.items()})
         ref = remap_labels(ref, ref_task, ref_map, origin=f"reference {ref_path}")
         names = task.names
     elif pred_map is not None or ref_map is not None:
