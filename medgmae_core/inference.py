@@ -27,7 +27,7 @@ from . import spatial
 from .gaussians import GaussianSet
 
 DEFAULT_SPACING_MM = 1.5
-DEFAULT_OVERLAP = 16
+DEFAULT_OVERLAP = 6  # minimum overlap in voxels (9 mm at 1.5 mm); windows are spread evenly, so most overlap more
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -99,9 +99,10 @@ def prepare_ct(hu, ijk_to_ras, *, spacing_mm: float | Sequence[float] | None = D
 def axis_offsets(size: int, window: int, overlap: int, *, pad_last: bool = False) -> list[int]:
     """Window start positions along one axis of ``size`` voxels.
 
-    ``size <= window``: one window, centred (negative offset; the outside is zero-padded). Otherwise windows
-    every ``window - overlap`` voxels; the last one is shifted back to end at the volume's edge, or with
-    ``pad_last`` kept on the regular grid and padded past the edge (no extra overlap; used with ``overlap=0``).
+    ``size <= window``: one window, centred (negative offset; the outside is zero-padded). Otherwise the fewest
+    windows whose overlaps are all >= ``overlap``, spread evenly from the first voxel to the last; or with
+    ``pad_last`` every ``window - overlap`` voxels with the last one padded past the edge (used with
+    ``overlap=0``: no window overlaps another).
     """
     if window < 2 or size < 1:
         raise ValueError(f"window must be >= 2 and size >= 1, got window={window}, size={size}")
@@ -110,10 +111,10 @@ def axis_offsets(size: int, window: int, overlap: int, *, pad_last: bool = False
     if size <= window:
         return [-((window - size) // 2)]
     step = window - overlap
-    offsets = list(range(0, size - window, step))
-    last = offsets[-1] + step
-    offsets.append(last if pad_last else size - window)
-    return sorted(set(offsets))
+    count = -(-(size - window) // step) + 1  # fewest windows whose overlaps are all >= overlap
+    if pad_last:
+        return [t * step for t in range(count)]
+    return sorted({int(round(v)) for v in np.linspace(0, size - window, count)})  # spread evenly
 
 
 def axis_boundaries(offsets: Sequence[int], window: int) -> np.ndarray:
