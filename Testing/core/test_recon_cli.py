@@ -14,7 +14,7 @@ import torch
 
 from medgmae_core.cli import main as cli_main
 from medgmae_core.export.ply import read_gaussians_ply
-from medgmae_core.recon.cli import analytic_reconstruction
+from medgmae_core.recon.cli import DEMO_WEIGHTS, analytic_reconstruction
 from medgmae_core.recon.io import load_ct_volume, load_data_exchange, save_projections, simulate_from_ct
 
 CROP = "0:120,0:100,8:24"
@@ -139,3 +139,15 @@ def test_bad_inputs_are_rejected_clearly(tmp_path, small_real_ct, capsys):
     np.savez(tmp_path / "small.npz", **z)
     assert "too small" in err(str(tmp_path / "small.npz"))
     assert "--checkpoint not found" in err(str(path), "--init", "medgmae", "--checkpoint", str(tmp_path / "no.pt"))
+
+
+@pytest.mark.skipif(not DEMO_WEIGHTS.exists(), reason="bundled demo weights (medgmae_core/weights/demo_tiny.pt) absent")
+def test_medgmae_init_with_the_bundled_weights(small_real_ct, tmp_path, capsys):
+    out = tmp_path / "mg"
+    argv = ["reconstruct", str(small_real_ct), "--crop", "10:106,0:96,8:24", "--downsample", "2", "--views", "12",
+            "--init", "medgmae", "--model-spacing", "0", "--iters", "10", "--eval-every", "10", "--out", str(out),
+            "--progress-json"]
+    assert cli_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["initial_gaussians"] > 0 and metrics["intensity_gain"] > 0
+    assert metrics["psnr"] > metrics["init_psnr"]

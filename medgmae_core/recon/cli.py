@@ -168,6 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--init", choices=INIT_METHODS, default="fbp")
     rec.add_argument("--checkpoint", default=None, help="MedGMAE(*) checkpoint for --init medgmae/medgmae* "
                                                         "(default: bundled demo weights)")
+    rec.add_argument("--model-spacing", type=float, default=1.5,
+                     help="medgmae init: resample the FBP to this spacing (mm) for the model; 0 = keep the grid")
+    rec.add_argument("--overlap", type=int, default=None,
+                     help="medgmae init: overlap of the model windows in voxels (default a quarter window)")
     rec.add_argument("--num-gaussians", type=int, default=4000, help="initial count for --init random/fbp")
     rec.add_argument("--filter", choices=FILTERS, default="ram-lak", help="FBP/FDK filter")
     rec.add_argument("--iters", type=int, default=300)
@@ -205,7 +209,8 @@ def prepare(args, data: ProjectionData, device: torch.device, resume_state: dict
     t1 = time.perf_counter()
     gaussians = initialise(args.init, fbp_volume=fbp, extent_mm=data.geometry.volume_extent_mm,
                            num_gaussians=args.num_gaussians, checkpoint=resolve_checkpoint(args),
-                           mu_water=data.mu_water, seed=args.seed, device=str(device)).to(device)
+                           mu_water=data.mu_water, seed=args.seed, overlap=args.overlap,
+                           model_spacing_mm=args.model_spacing or None, device=str(device)).to(device)
     project = GeometryProjector(data.geometry)
     gaussians, gain = calibrate_intensities(gaussians, lambda g: project(g), data.projections.to(device))
     info.update(init_seconds=time.perf_counter() - t1, intensity_gain=gain,
