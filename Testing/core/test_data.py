@@ -177,3 +177,20 @@ def test_crop_stream_is_a_function_of_seed_and_step():
     assert not torch.equal(next(crop_batches(other_seed, 2))[0], full[0])
     # every case appears once per epoch
     assert sorted(dataset.case_order(0).tolist()) == [0, 1, 2]
+
+
+def test_disk_cache_is_reused_and_keyed_by_settings(small_real_ct, tmp_path):
+    cases = discover_volumes(small_real_ct)
+    first = PretrainCrops(cases, roi_size=32, spacing_mm=3.0, crops_per_case=2, cache="disk", cache_dir=tmp_path)
+    batch = next(crop_batches(first, 2))[0]
+    files = sorted(tmp_path.rglob("*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = PretrainCrops(cases, roi_size=32, spacing_mm=3.0, crops_per_case=2, cache="disk", cache_dir=tmp_path)
+    assert torch.equal(next(crop_batches(again, 2))[0], batch)
+    assert files[0].stat().st_mtime_ns == stamp  # read back, not recomputed
+    other = PretrainCrops(cases, roi_size=32, spacing_mm=4.0, crops_per_case=2, cache="disk", cache_dir=tmp_path)
+    next(crop_batches(other, 2))
+    assert len(list(tmp_path.glob("preprocess-*"))) == 2  # another spacing, another cache
+    with pytest.raises(ValueError, match="cache must be"):
+        PretrainCrops(cases, cache="ram")

@@ -14,6 +14,7 @@ exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -219,8 +220,11 @@ class PretrainCrops(torch.utils.data.Dataset):
         elif cache == "disk":
             if cache_dir is None:
                 raise ValueError("cache='disk' needs a cache_dir")
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            self.base = PersistentDataset(self.cases, transform=preprocess, cache_dir=str(cache_dir))
+            # One sub-folder per preprocessing setting, so a changed spacing never reads stale volumes.
+            settings = json.dumps({"version": 1, "spacing_mm": spacing_mm, "roi_size": roi_size}, sort_keys=True)
+            folder = Path(cache_dir) / f"preprocess-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.base = PersistentDataset(self.cases, transform=preprocess, cache_dir=str(folder))
         elif cache == "none":
             self.base = Dataset(self.cases, transform=preprocess)
         else:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 COMMAND = "pretrain"
 AMP_CHOICES = ("none", "auto", "bf16", "fp16")
 CACHE_CHOICES = ("auto", "none", "memory", "disk")
+MEMORY_CACHE_MAX_CASES = 16  # cache="auto" keeps up to this many preprocessed volumes in RAM
 
 # Every setting: its default and one line of help. The CLI flag is --name-with-dashes.
 SETTINGS: dict[str, tuple[Any, str]] = {
@@ -47,7 +48,8 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "pos": (3.0, "weight of foreground-centred crops (pos:neg)"),
     "neg": (1.0, "weight of crops centred anywhere (pos:neg)"),
     "cache": ("auto", "preprocessed-volume cache: memory (MONAI CacheDataset), disk (PersistentDataset in "
-                      "--cache-dir), none; auto = disk if --cache-dir is given, memory for phantoms, else none"),
+                      "--cache-dir), none; auto = disk if --cache-dir is given, else memory for phantoms or <= 16 volumes, "
+                      "else none"),
     "cache_dir": (None, "folder for the disk cache"),
     "phantom_shape": ([128, 128, 96], "phantom size X,Y,Z in voxels (with --data phantom)"),
     # model
@@ -257,7 +259,15 @@ def build_data(cfg: dict[str, Any], report, verbose: bool = True):
             raise ValueError(f"no usable CT volumes in {cfg['data']}: {report.summary()}")
     cache = cfg["cache"]
     if cache == "auto":
-        cache = "disk" if cfg.get("cache_dir") else ("memory" if n_phantoms is not None else "none")
+        if cfg.get("cache_dir"):
+            cache = "disk"
+        elif n_phantoms is not None or len(cases) <= MEMORY_CACHE_MAX_CASES:
+            cache = "memory"
+        else:
+            cache = "none"
+            if verbose:
+                log.warning("%d volumes and no --cache-dir: every case is re-read and resampled each time it is "
+                            "used; pass --cache-dir for a disk cache", len(cases))
     return PretrainCrops(cases, roi_size=cfg["img_size"], spacing_mm=float(cfg["spacing_mm"]),
                          crops_per_case=cfg["crops_per_case"], pos=float(cfg["pos"]), neg=float(cfg["neg"]),
                          seed=int(cfg["seed"]), cache=cache, cache_dir=cfg.get("cache_dir"))
@@ -420,7 +430,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
         raise ValueError(f"the checkpoint is at step {start_step}, which already reaches --steps {cfg['steps']}; "
                          "raise --steps to train further")
 
-    dataset = build_data(cfg, report)
+    dataset = build_data(cfg, report, verbose=info.is_main)
     ddp_model = wrap_model(model, info, device)
     reporter = None
     if info.is_main:
