@@ -106,7 +106,8 @@ def test_gradcheck_float64(backend, kind):
         return project_gaussians(GaussianSet(*params), geom, backend=backend, cutoff=8.0).reshape(-1) @ mix
 
     params = [t.clone().requires_grad_(True) for t in g.tensors()]
-    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-6, rtol=1e-4)
+    fast_mode = backend == "torch"  # its per-call bucketing overhead makes the full Jacobian slow; random directions
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=fast_mode)
 
 
 def test_view_chunking_with_recompute_gives_identical_values_and_gradients():
