@@ -168,6 +168,9 @@ def test_crop_stream_is_a_function_of_seed_and_step():
     resumed = [b for b, _ in itertools.islice(crop_batches(dataset, 2, start_step=3), 2)]
     for a, b in zip(full[3:], resumed):
         assert torch.equal(a, b)
+    with_workers = [b for b, _ in itertools.islice(crop_batches(dataset, 2, start_step=2, num_workers=2), 2)]
+    for a, b in zip(full[2:], with_workers):  # worker processes change nothing
+        assert torch.equal(a, b)
     assert not torch.equal(full[0], full[1])
     # two ranks read disjoint case slots, so their first batches differ
     rank0 = next(crop_batches(dataset, 2, rank=0, world_size=2))[0]
