@@ -286,12 +286,13 @@ def write_loss_curve(history: torch.Tensor, path: Path, title: str = "pre-traini
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
-    if len(losses) >= 5:
-        alpha, ema, smooth = 0.1, float(losses[0]), []
-        for v in losses:
+    if len(losses) >= 5:  # bias-corrected exponential moving average
+        alpha = min(0.3, max(0.005, 5.0 / len(losses)))
+        ema, smooth = 0.0, []
+        for t, v in enumerate(losses, start=1):
             ema = (1 - alpha) * ema + alpha * float(v)
-            smooth.append(ema)
-        ax.plot(steps, smooth, lw=1.5, label="EMA 0.1")
+            smooth.append(ema / (1 - (1 - alpha) ** t))
+        ax.plot(steps, smooth, lw=1.5, label=f"smoothed (EMA {alpha:.3g})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
