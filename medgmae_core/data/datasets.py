@@ -286,7 +286,8 @@ def _identity(item):
 
 
 def crop_batches(dataset: PretrainCrops, batch_size: int, *, start_step: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]]]]:
+                 world_size: int = 1, num_workers: int = 0,
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]]]]:
     """Endless ``(crops [B, 1, *roi], skipped)`` batches of one rank, starting at ``start_step``.
 
     Step ``s`` of rank ``r`` uses that rank's local crops ``s*B .. s*B + B - 1``
@@ -299,7 +300,7 @@ def crop_batches(dataset: PretrainCrops, batch_size: int, *, start_step: int = 0
         raise ValueError(f"rank {rank} outside world size {world_size}")
     first_slot, skip = divmod(start_step * batch_size, dataset.crops_per_case)
     loader = DataLoader(dataset, sampler=_SlotSampler(first_slot, rank, world_size), batch_size=None,
-                        num_workers=num_workers, collate_fn=_identity,
+                        num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
                         prefetch_factor=2 if num_workers > 0 else None)
     pending: list[torch.Tensor] = []
     skipped: list[tuple[str, str]] = []

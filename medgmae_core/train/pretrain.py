@@ -456,7 +456,8 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
         return path
 
     batches = crop_batches(dataset, cfg["batch_size"], start_step=start_step, rank=info.rank,
-                           world_size=info.world_size, num_workers=cfg["num_workers"])
+                           world_size=info.world_size, num_workers=cfg["num_workers"],
+                           pin_memory=device.type == "cuda" and cfg["num_workers"] > 0)
     step, saved_step, skipped_steps = start_step, start_step, 0
     ddp_model.train()
     with StopRequest() as stop:
