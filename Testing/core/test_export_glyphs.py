@@ -46,12 +46,13 @@ def test_20k_glyphs_one_ellipsoid_each_with_axes_r_diag_s_sigma(sigma, count):
     np.testing.assert_allclose(scalars, np.repeat(gs.intensities[0].numpy()[:, None], per_points, 1), rtol=1e-6)
 
 
-def test_numpy_path_equals_vtk_tensor_glyph_reference():
+@pytest.mark.parametrize("method", ["numpy", "numba"])
+def test_fast_paths_equal_vtk_tensor_glyph_reference(method):
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(500, 3)) * 50
     axes = rng.normal(size=(500, 3, 3))  # non-orthogonal, some reflecting (det < 0)
     values = rng.uniform(size=500)
-    fast = glyphs.gaussian_glyph_polydata(centres, axes, values, sigma=2, resolution=6, method="numpy")
+    fast = glyphs.gaussian_glyph_polydata(centres, axes, values, sigma=2, resolution=6, method=method)
     ref = glyphs.gaussian_glyph_polydata(centres, axes, values, sigma=2, resolution=6, method="vtk")
     np.testing.assert_allclose(ns.vtk_to_numpy(fast.GetPoints().GetData()),
                                ns.vtk_to_numpy(ref.GetPoints().GetData()), rtol=1e-5, atol=1e-4)
