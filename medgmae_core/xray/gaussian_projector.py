@@ -16,11 +16,14 @@ six splat parameters in detector pixel units, ``[B, C, k, 6]`` =
 Stage 2 (backends) splats them where the 2D Mahalanobis distance <= ``cutoff``:
 
 * ``reference``: dense over all pixels, chunked; slow and obviously right.
+  Its backward is plain autograd, in chunks over k.
 * ``numba`` (CPU): Gaussian-centric; each detector row of the ellipse is solved
-  analytically and exp is a recurrence along the row. The backward accumulates
+  analytically and exp is a recurrence along the row (float64 inputs use exact
+  ``math.exp`` anchors, float32 the fast polynomial). The backward accumulates
   six moments per (Gaussian, view), each owned by one thread (no atomics).
-* ``torch``: Gaussian-centric patches bucketed by footprint size, added with
-  ``index_add``; device-agnostic (the CUDA path).
+* ``torch``: Gaussian-centric patches bucketed by footprint size, one GEMM per
+  bucket, added with ``index_add``; its backward gathers the same six moments
+  with a second GEMM. Device-agnostic (the CUDA path).
 
 Views are processed in chunks; the backward pass recomputes stage 1 per chunk
 and calls the backend's vector-Jacobian product, so memory stays bounded at any k.
