@@ -7,7 +7,7 @@ import torch
 
 from medgmae_core.gaussians import GaussianSet
 from medgmae_core.recon.fit import (FitConfig, GaussianParams, ReconstructionFit, build_optimizer, densify_and_prune,
-                                    DensifyStats, subvolume_gaussians, xyz_learning_rate)
+                                    DensifyStats, split_children, subvolume_gaussians, xyz_learning_rate)
 from medgmae_core.render import render_volume
 
 SHAPE = (12, 12, 12)
@@ -64,12 +64,13 @@ def test_clone_keeps_volume_and_split_replaces_parent():
     p, opt, cfg = _params_with_state()
     scale_vox = p.scales().max(-1).values.detach() * 11
     parent_int = p.intensities().detach()
+    parent_scales = p.scales().detach()
     stats = DensifyStats.zeros(6, p.xyz)
     stats.accumulate(torch.ones(6, 3))  # every Gaussian above the threshold
     small = scale_vox <= cfg.split_scale_voxels
     n_small, n_large = int(small.sum()), int((~small).sum())
     assert n_small and n_large  # the random set has both kinds
-    counts = densify_and_prune(p, opt, stats, cfg, SHAPE, generator=torch.Generator().manual_seed(0))
+    counts = densify_and_prune(p, opt, stats, cfg, SHAPE)
     assert counts["cloned"] == n_small and counts["split"] == n_large and counts["pruned"] == 0
     assert p.num_gaussians == 6 + n_small + n_large
     # the optimizer follows the new tensors, with zero moments for the new Gaussians
@@ -79,13 +80,29 @@ def test_clone_keeps_volume_and_split_replaces_parent():
     kept = 6 - n_large
     assert bool((state["exp_avg"][:kept] != 0).any()) and bool((state["exp_avg"][kept:] == 0).all())
     g = p.gaussians().detach()
-    # children keep the parent's intensity (split_intensity = 1); clone and parent share it
-    assert torch.allclose(g.intensities[0, -2 * n_large:], parent_int[~small].repeat(2), atol=1e-4)
+    # split children carry 0.8 of the parent's intensity each; clone and parent share it
+    assert torch.allclose(g.intensities[0, -2 * n_large:], 0.8 * parent_int[~small].repeat(2), atol=1e-4)
     assert torch.allclose(g.intensities[0, :kept], parent_int[small] / 2, atol=1e-4)
     assert torch.allclose(g.intensities[0, kept:kept + n_small], parent_int[small] / 2, atol=1e-4)
-    # children are smaller by 1.6
-    child_scales = g.scales[0, -2 * n_large:]
-    assert float(child_scales.max()) < float(scale_vox.max() / 11) / 1.6 + 1e-9
+    # the split axis (the longest) shrinks by 1.6, the others are kept
+    child = g.scales[0, -2 * n_large:-n_large]
+    assert torch.allclose(child.prod(-1), parent_scales[~small].prod(-1) / 1.6, rtol=1e-6)
+
+
+def test_split_keeps_mass_mean_and_covariance():
+    g = _gaussians(7, 9)
+    p = GaussianParams.from_gaussians(g, max_intensity=2.0)
+    ch = split_children(*(t.detach() for t in p.tensors()))
+    kids = GaussianParams(ch["xyz"], ch["raw_scale"], ch["raw_rotation"], ch["raw_intensity"], 2.0).gaussians().detach()
+    a, b = kids.select(torch.arange(7)), kids.select(torch.arange(7, 14))
+    mass = lambda s: s.intensities * s.scales.prod(-1)  # noqa: E731  (times (2 pi)^1.5)
+    assert torch.allclose(mass(a) + mass(b), mass(g), rtol=1e-6)
+    mean = (a.centres + b.centres) / 2
+    inside = ((g.centres > 0.2) & (g.centres < 0.8)).all(-1)[0]  # children not clamped at the border
+    assert torch.allclose(mean[0, inside], g.centres[0, inside], atol=1e-12)
+    d = a.centres - mean
+    cov = (a.covariances() + b.covariances()) / 2 + d[..., :, None] * d[..., None, :]
+    assert torch.allclose(cov[0, inside], g.covariances()[0, inside], atol=1e-10)
 
 
 def test_clone_only_is_exact():

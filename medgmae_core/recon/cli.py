@@ -107,13 +107,11 @@ def save_volume(path: Path, volume: torch.Tensor, affine: np.ndarray) -> Path:
 
 def save_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tensor], title: str) -> Path:
     """PSNR (or loss) against iteration, and the middle slice along the rotation axis of each volume."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never touches the global backend
 
     n = len(slices)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.4))
+    fig = Figure(figsize=(3.2 * (n + 1), 3.4))
+    axes = fig.subplots(1, n + 1)
     its = [h["iteration"] for h in history]
     if any("psnr" in h for h in history):
         axes[0].plot(its, [h.get("psnr", np.nan) for h in history], marker=".")
@@ -134,7 +132,6 @@ def save_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tens
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
