@@ -183,3 +183,11 @@ def test_layer_decay_groups():
     net.freeze_encoder(True)
     frozen = finetune.layer_decay_param_groups(net, 1e-3, 0.05, 0.5)
     assert {g["layer"] for g in frozen} == {5}
+    # one step with a frozen encoder changes the decoder only
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(frozen, lr=1e-3)
+    net(torch.rand(1, 1, 24, 24, 24)).logsumexp(1).mean().backward()
+    opt.step()
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vit."))
+    assert not torch.equal(before["out.conv.conv.weight"], after["out.conv.conv.weight"])

@@ -420,7 +420,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     groups = layer_decay_param_groups(model, args.lr, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    scheduler = build_scheduler(optimizer, args.warmup, args.steps)
+    warmup = args.warmup if args.warmup < args.steps else args.steps // 10  # a warmup longer than the run
+    scheduler = build_scheduler(optimizer, warmup, args.steps)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     train_config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else
