@@ -68,6 +68,12 @@ try:  # numba is optional at run time: torch paths must work without it
     import numba as _numba
     from numba import prange
     _IMPORT_ERROR: str | None = None
+    # numba's OpenMP layer starts a second OpenMP runtime beside torch's; its idle
+    # threads keep spinning after each kernel and, on few cores, made every torch op
+    # that followed a render 60-100x slower. The workqueue layer's threads sleep.
+    # (workqueue does not allow two Python threads to launch kernels at once.)
+    if not os.environ.get("NUMBA_THREADING_LAYER"):
+        _numba.config.THREADING_LAYER = "workqueue"
 except Exception as exc:  # ImportError, or a numpy/llvmlite mismatch raising something else
     _numba = None
     prange = range
