@@ -102,9 +102,13 @@ def bench_predict_window(model, prepared, repeats: int) -> dict:
     with PeakMemory() as mem:
         seconds = best_of(run, repeats=repeats, warmup=1)
     poly = run()
+    from medgmae_core.render import render_volume
+
+    window = inference.predict_window(model, prepared).window_gaussians
+    render_s = best_of(lambda: render_volume(window, model.config.img_size), repeats=repeats, warmup=1)
     return record("predict_window_glyphs", seconds, mem.peak_extra_mb, TARGETS["predict_window_glyphs"],
-                  gaussians=model.num_output_gaussians if hasattr(model, "num_output_gaussians") else None,
-                  glyph_points=poly.GetNumberOfPoints(), window=list(model.config.img_size))
+                  gaussians=window.num_gaussians, glyph_points=poly.GetNumberOfPoints(),
+                  window=list(model.config.img_size), render_window_s_not_in_target=round(render_s, 4))
 
 
 def bench_whole_ct(name: str, model, hu: np.ndarray, affine: np.ndarray, *, overlap: int, batch: int) -> dict:

@@ -103,3 +103,16 @@ def test_overview_png_has_slices_outlines_and_a_3d_view(tmp_path):
     img = mpimg.imread(path)
     assert img.shape[0] > 500 and img.shape[1] > 1000
     assert img[..., :3].std() > 0.1
+
+
+def test_overview_falls_back_to_a_scatter_without_offscreen_gl(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr(figures, "offscreen_gl_available", lambda: False)
+    shape = (20, 18, 12)
+    gs = GaussianSet.random(1, 10, generator=torch.Generator().manual_seed(4))
+    centres, axes = spatial.gaussians_to_world(gs, shape, np.eye(4))
+    poly = glyphs.gaussian_glyph_polydata(centres, axes, gs.intensities[0].numpy())
+    with caplog.at_level(logging.WARNING, logger="medgmae_core.export.figures"):
+        path = figures.overview_png(tmp_path / "o.png", ct=torch.rand(shape), gaussians=gs, glyph_polydata=poly)
+    assert path.is_file() and "falls back" in caplog.text

@@ -61,11 +61,21 @@ def slice_ellipses(centres: np.ndarray, cov: np.ndarray, axis: int, index: float
     return keep, centre, widths, heights, angles
 
 
+def offscreen_gl_available() -> bool:
+    """Cheap check before touching VTK's OpenGL: an EGL library (headless) or an X display must exist."""
+    import ctypes.util
+
+    return bool(os.environ.get("DISPLAY")) or ctypes.util.find_library("EGL") is not None
+
+
 def render_glyphs_offscreen(polydata, size: tuple[int, int] = (600, 600), *, scalar_name: str = "intensity",
                             scalar_range: tuple[float, float] | None = None,
                             view_up=(0.0, 0.0, 1.0), direction=(0.0, 1.0, 0.0)) -> np.ndarray:
     """Offscreen VTK render of glyph polydata -> RGB ``uint8 [H, W, 3]``. Camera looks along ``-direction``
     (default: from anterior), ``view_up`` superior."""
+    if not offscreen_gl_available():
+        raise RuntimeError("no EGL library and no X display for offscreen OpenGL "
+                           "(Debian/Ubuntu: apt-get install -y libegl1 libgl1-mesa-dri)")
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     import vtk
     from vtk.util import numpy_support as ns
