@@ -83,7 +83,11 @@ def test_wrapper_class_is_derived_from_the_same_fields(monkeypatch):
     fake = types.ModuleType("slicer.parameterNodeWrapper")
     fake.WithinRange, fake.Choice, fake.parameterNodeWrapper = WithinRange, Choice, parameterNodeWrapper
     monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", fake)
-    cls = P.parameter_node_wrapper_class()
+    P.parameter_node_wrapper_class.cache_clear()  # cached per process; this test's fake must not leak
+    try:
+        cls = P.parameter_node_wrapper_class()
+    finally:
+        P.parameter_node_wrapper_class.cache_clear()
     assert list(cls.hints) == list(P.field_specs())
     assert cls.hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode and not hasattr(cls, "inputVolume")
     ratio_type, ratio_range = typing.get_args(cls.hints["maskRatio"])
