@@ -46,6 +46,16 @@ class FakeWidget:
     def setCurrentNode(self, node):
         self.currentNode = node
 
+    # QTimer
+    def setInterval(self, ms):
+        self.interval = ms
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
 
 def fake_ui(path):
     root = ET.parse(path).getroot()
@@ -141,12 +151,7 @@ def widget_module(monkeypatch, session):
 
     qt = types.ModuleType("qt")
     qt.QTimer = lambda: FakeWidget("timer", "QTimer")
-    qt.QTimer_start = None
     qt.QIcon = lambda path: ("icon", path)
-    for fw in (FakeWidget,):
-        fw.setInterval = lambda self, ms: setattr(self, "interval", ms)
-        fw.start = lambda self: setattr(self, "active", True)
-        fw.stop = lambda self: setattr(self, "active", False)
 
     errors = []
 
