@@ -13,6 +13,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = (REPO_ROOT / ".." / "shared" / "data" / "ct").resolve()
 
 
+def _import_slicer_core_without_testing_dir() -> None:
+    """slicer-core's ``slicer/__init__.py`` calls ``pkgutil.extend_path`` and imports every module of every
+    ``slicer/`` folder on sys.path. pytest puts ``Testing/`` on sys.path, so ``Testing/slicer/*.py`` would be
+    imported as ``slicer.*`` modules. Import slicer once, here, with ``Testing/`` hidden from sys.path."""
+    import sys
+
+    here = Path(__file__).resolve().parent
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:
+        import slicer  # noqa: F401
+    except ImportError:
+        pass  # slicer-core not installed: the tests that need it skip
+    finally:
+        sys.path[:] = saved
+
+
+_import_slicer_core_without_testing_dir()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -97,3 +97,14 @@ def test_missing_weights_give_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "x.pt" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path / "o"), "--mask-ratio", "1.5",
                      "--weights", str(tmp_path / "x.pt")]) == 2
+
+
+def test_demo_on_a_dicom_folder(tmp_path, tiny_weights, shared_ct):
+    """A real DICOM series (LPS on disk): read through SimpleITK, RAS affine kept in every output."""
+    folder = shared_ct / "totalsegmentator" / "example_ct_dicom"
+    res = demo.run_demo(folder, tmp_path / "out", weights=tiny_weights, seed=2, spacing_mm=6.0)
+    hu, affine = nifti.read_volume_array(folder, what="CT")
+    assert res.source_shape == (512, 512, 20)
+    from dataclasses import asdict
+
+    _check_outputs(asdict(res), hu.astype(np.float32), affine, 0.75)
