@@ -78,11 +78,11 @@ def test_demo_on_builtin_phantom_via_cli(tmp_path, tiny_weights, capsys):
 
 def test_demo_on_a_real_ct(tmp_path, tiny_weights, small_real_ct):
     res = demo.run_demo(small_real_ct, tmp_path / "out", weights=tiny_weights, mask_ratio=0.5, seed=1,
-                        spacing_mm=3.0)
+                        spacing_mm=4.5)
     import nibabel as nib
 
     img = nib.load(str(small_real_ct))
-    assert res.source_shape == (122, 101, 30) and res.windows == 9
+    assert res.source_shape == (122, 101, 30) and res.windows == 4  # 82x68x21 at 4.5 mm, 48^3 windows
     from dataclasses import asdict
 
     _check_outputs(asdict(res), np.asarray(img.dataobj, dtype=np.float32), img.affine, 0.5)
