@@ -347,6 +347,15 @@ def build_network(args: argparse.Namespace, out_channels: int, roi: tuple[int, i
     return model, origin
 
 
+def _plain(value: Any) -> Any:
+    """Settings as weights-only-loadable plain values (lists for tuples, strings for anything else)."""
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
 def _roi(value: Sequence[int] | int) -> tuple[int, int, int]:
     v = list(value) if isinstance(value, (list, tuple)) else [value]
     v = v * 3 if len(v) == 1 else v
@@ -424,9 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, warmup, args.steps)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    train_config = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else
-                        [list(x) if isinstance(x, (list, tuple)) else x for x in v] if isinstance(v, (list, tuple))
-                        else str(v)) for k, v in vars(args).items() if not k.startswith("_")}
+    train_config = {k: _plain(v) for k, v in vars(args).items() if not k.startswith("_")}
     history: dict[str, Any] = {"loss": [], "val": []}
     start, best = 0, -1.0
     last = out / LAST_NAME
