@@ -14,7 +14,8 @@ Records (``records`` in the JSON), each with ``seconds``, ``peak_extra_mb``, ``t
 * ``render_300k_256``: 300k Gaussians into 256^3, forward + backward (<= 2 GB extra; time reported), measured by
   ``benchmarks/render.py:scale_case``;
 * ``projector_300k_120x256``: the same 300k Gaussians through the analytic projector, 120 parallel-beam views of
-  256x256, forward + backward (<= 2 GB extra; time reported).
+  256x256, forward + backward (<= 2 GB extra; time reported), measured by ``benchmarks/projector_bench.py:scale_case``
+  when present (else by an equivalent case here).
 
 Model: the bundled demo weights when present, else a randomly initialised ``tiny`` model saved through the
 checkpoint module (same architecture and cost; the record says which).
@@ -210,6 +211,14 @@ def bench_render_scale() -> dict:
 
 def bench_projector_scale(k: int = 300_000, views: int = 120, det: int = 256) -> dict:
     from medgmae_core.xray.gaussian_projector import project_gaussians, resolve_backend
+
+    module = _load_module("projector_bench")
+    if module is not None and hasattr(module, "scale_case") and (k, views, det) == (300_000, 120, 256):
+        case = module.scale_case()
+        return record("projector_300k_120x256", case["forward_backward_s"], case["peak_extra_mb"],
+                      TARGETS["projector_300k_120x256"], backend=resolve_backend(GaussianSet.random(1, 2), "auto"),
+                      forward_s=round(case["forward_s"], 3), measured_by="benchmarks/projector_bench.py:scale_case",
+                      k=case["k"], views=case["views"], detector=case["detector"])
     from medgmae_core.xray.geometry import ParallelBeam, evenly_spaced_angles
 
     extent = (256.0, 256.0, 256.0)  # a 256^3 volume at 1 mm
