@@ -6,6 +6,8 @@ import runpy
 import subprocess
 import sys
 
+import pytest
+
 from MedGMAESlicerLib.headless import load_mrb
 
 
@@ -15,6 +17,7 @@ def _run(repo_root, *args, timeout=300):
                           env={**os.environ, "MEDGMAE_RENDER_BACKEND": "torch"})
 
 
+@pytest.mark.slow  # a fresh Python process importing torch, MONAI and slicer-core: ~10 s CPU, more when loaded
 def test_batch_predict_writes_scene(repo_root, small_real_ct, tiny_checkpoint, tmp_path):
     out = tmp_path / "scene.mrb"
     done = _run(repo_root, "--", "--input", small_real_ct, "--checkpoint", tiny_checkpoint, "--out", out,
