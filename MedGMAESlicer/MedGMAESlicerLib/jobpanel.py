@@ -93,7 +93,9 @@ class JobPanel:
         if result.ok:
             _set(self.progress_bar, "value", 100)
             message = self.on_finished(result) if self.on_finished else None
-            _set(self.status_label, "text", message or f"{self.job.name} finished in {self.job.elapsed:.0f} s")
+            checkpoint = result.outputs().get("checkpoint")
+            _set(self.status_label, "text", message or f"{self.job.name} finished in {self.job.elapsed:.0f} s"
+                 + (f"; checkpoint: {checkpoint}" if checkpoint else ""))
         elif result.state == JobState.CANCELLED:
             ckpts = result.checkpoints()
             _set(self.status_label, "text", "Cancelled." + (f" Last checkpoint: {ckpts[-1]}" if ckpts else ""))

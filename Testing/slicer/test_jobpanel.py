@@ -97,3 +97,13 @@ def test_failure_shows_error_and_start_error_stays_idle(tmp_path):
 def test_format_record():
     text = format_record({"event": "progress", "step": 40, "total": 200, "loss": 0.012345, "lr": 1e-4, "time": 3.0})
     assert text == "step 40/200  loss 0.01235  lr 0.0001"
+
+
+def test_default_success_message_names_the_checkpoint(tmp_path):
+    panel, button, bar, label = _panel(tmp_path, """
+        import json
+        print(json.dumps({"event": "done", "checkpoint": "runs/last.pt"}), flush=True)
+    """)
+    panel.toggle()
+    _pump(panel)
+    assert label.text.startswith("pretrain finished in") and label.text.endswith("checkpoint: runs/last.pt")
