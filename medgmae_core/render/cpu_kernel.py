@@ -12,8 +12,10 @@ buffer, so both loops run as full SIMD vectors even though lines are short
 * Forward: parallel over (batch, x-slice); each job owns its slice of the output
   and adds its Gaussians in index order, so the result is bit-identical for any
   thread count.
-* Backward: parallel over Gaussians; each accumulates ten moments of
-  grad*weight (sum g, sum g*d_a, sum g*d_a*d_b) with no atomics. The chain from
+* Backward: parallel over (batch, x-slice) like the forward, so each job reads
+  one slice of the gradient while it is in cache; each (Gaussian, slice) entry
+  gets ten partial moments of grad*weight (sum g, sum g*d_a, sum g*d_a*d_b),
+  summed per Gaussian in slice order afterwards: no atomics, deterministic. The chain from
   the precision to scales and quaternions stays in torch autograd
   (``NumbaRender`` is an autograd.Function on centres, precision, amplitudes).
 * exp: in float32 with a cut-off of r <= ``FAST_EXP_MAX_RADIUS`` the exponent
@@ -221,11 +223,13 @@ def _forward_kernel(mv, pv, amp, clip, order, offsets, r2, ellipsoid, fast, cons
 
 
 @njit(parallel=True, fastmath=_FASTMATH)
-def _backward_kernel(mv, pv, clip, xr, r2, ellipsoid, fast, consts, grad, dims, moments):
-    """moments[b, g] = the ten sums of grad(v) * exp(-q(v)/2) * (1, d, d d^T) over the cut-off.
-    ``grad`` has LANES zero entries of padding at its end."""
+def _backward_kernel(mv, pv, clip, order, offsets, r2, ellipsoid, fast, consts, grad, dims, partial):
+    """partial[t] = the ten sums of grad(v) * exp(-q(v)/2) * (1, d, d d^T) over the cut-off, restricted
+    to one x-slice, for entry t of the per-slice Gaussian lists (summed per Gaussian by ``_sum_partials``).
+    Slice-major like the forward, so each job reads one slice of ``grad`` while it is in cache.
+    ``grad`` has LANES entries of padding at its end."""
     depth, height, width = dims[0], dims[1], dims[2]
-    batch, k = mv.shape[0], mv.shape[1]
+    jobs = offsets.shape[0] - 1
     half = consts[6]
     m_half32 = consts[7]
     zero = consts[5]
@@ -234,94 +238,122 @@ def _backward_kernel(mv, pv, clip, xr, r2, ellipsoid, fast, consts, grad, dims, 
     k2 = consts[2]
     k3 = consts[3]
     k4 = consts[4]
-    for job in prange(batch * k):
-        b = job // k
-        g = job - b * k
-        buf = np.empty(width + LANES, dtype=grad.dtype)
+    for job in prange(jobs):
+        b = job // depth
+        x = job - b * depth
         lo_buf = np.empty(height + LANES, dtype=grad.dtype)
         hi_buf = np.empty(height + LANES, dtype=grad.dtype)
         q_buf = np.empty(height + LANES, dtype=grad.dtype)
         zc_buf = np.empty(height + LANES, dtype=grad.dtype)
-        clo = zero + _I16(clip[b, g, 2, 0])
-        chi = zero + _I16(clip[b, g, 2, 1])
-        sch = _schur(pv, b, g, consts[0])
-        p22 = sch[2]
-        my = mv[b, g, 1]
-        mz = mv[b, g, 2]
-        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m8 = m9 = 0.0
-        for x in range(xr[b, g, 0], xr[b, g, 1] + 1):
-            dx = _I16(x) - mv[b, g, 0]
-            ylo, yhi = _y_range(sch, dx, my, clip, b, g, r2, ellipsoid)
-            row = (b * depth + x) * height
-            if ylo > yhi:
+        row = (b * depth + x) * height
+        for t in range(offsets[job], offsets[job + 1]):
+            g = order[t]
+            _backward_slice(mv, pv, clip, b, g, x, row, r2, ellipsoid, fast, consts, grad, width,
+                            lo_buf, hi_buf, q_buf, zc_buf, partial, t)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _backward_slice(mv, pv, clip, b, g, x, row, r2, ellipsoid, fast, consts, grad, width,
+                    lo_buf, hi_buf, q_buf, zc_buf, partial, t):
+    """One Gaussian's ten partial moments over one x-slice."""
+    half = consts[6]
+    m_half32 = consts[7]
+    zero = consts[5]
+    k0 = consts[0]
+    k1 = consts[1]
+    k2 = consts[2]
+    k3 = consts[3]
+    k4 = consts[4]
+    clo = zero + _I16(clip[b, g, 2, 0])
+    chi = zero + _I16(clip[b, g, 2, 1])
+    sch = _schur(pv, b, g, consts[0])
+    p22 = sch[2]
+    my = mv[b, g, 1]
+    mz = mv[b, g, 2]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = m8 = m9 = 0.0
+    dx = _I16(x) - mv[b, g, 0]
+    ylo, yhi = _y_range(sch, dx, my, clip, b, g, r2, ellipsoid)
+    if ylo <= yhi:
+        _slice_setup(sch, dx, _I16(ylo) - my, yhi - ylo + 1, mz, r2, clo, chi, ellipsoid,
+                     lo_buf, hi_buf, q_buf, zc_buf)
+        for y in range(ylo, yhi + 1):
+            i = y - ylo
+            zlo = int(lo_buf[i])
+            zhi = int(hi_buf[i])
+            if zlo > zhi:
                 continue
-            _slice_setup(sch, dx, _I16(ylo) - my, yhi - ylo + 1, mz, r2, clo, chi, ellipsoid,
-                         lo_buf, hi_buf, q_buf, zc_buf)
-            for y in range(ylo, yhi + 1):
-                i = y - ylo
-                zlo = int(lo_buf[i])
-                zhi = int(hi_buf[i])
-                if zlo > zhi:
-                    continue
-                dy = _I16(y) - my
-                qmin = q_buf[i]
-                zc = zc_buf[i]
-                n = _U(zhi - zlo + 1)
-                base = _U((row + y) * width + zlo)
-                dz0 = _I16(zlo) - mz
-                shift = mz - zc  # v = dz + shift is the offset from the line's peak
-                l0 = zero
-                l1 = zero
-                l2 = zero
-                if fast:
-                    c2 = m_half32 * p22
-                    c0 = m_half32 * qmin
-                    npad = (n + _U(LANES - 1)) & ~_U(LANES - 1)
-                    for j in range(npad):
-                        v = dz0 + shift + _I16(j)
-                        yv = c2 * v * v + c0
-                        w = poly_exp32(yv, k0, k1, k2, k3, k4)
-                        if j >= n:
-                            w = zero
-                        dz = dz0 + _I16(j)
-                        gw = grad[base + j] * w
-                        l0 += gw
-                        l1 += gw * dz
-                        l2 += gw * dz * dz
-                else:
-                    c2 = half * p22
-                    c0 = half * qmin
-                    for j in range(n):
-                        dz = dz0 + _I16(j)
-                        v = dz + shift
-                        gw = grad[base + j] * math.exp(-(c2 * v * v + c0))
-                        l0 += gw
-                        l1 += gw * dz
-                        l2 += gw * dz * dz
-                fx = np.float64(dx)
-                fy = np.float64(dy)
-                f0 = np.float64(l0)
-                f1 = np.float64(l1)
-                m0 += f0
-                m1 += fx * f0
-                m2 += fy * f0
-                m3 += f1
-                m4 += fx * fx * f0
-                m5 += fx * fy * f0
-                m6 += fx * f1
-                m7 += fy * fy * f0
-                m8 += fy * f1
-                m9 += np.float64(l2)
-        moments[b, g, 0] = m0
-        moments[b, g, 1] = m1
-        moments[b, g, 2] = m2
-        moments[b, g, 3] = m3
-        moments[b, g, 4] = m4
-        moments[b, g, 5] = m5
-        moments[b, g, 6] = m6
-        moments[b, g, 7] = m7
-        moments[b, g, 8] = m8
-        moments[b, g, 9] = m9
+            dy = _I16(y) - my
+            qmin = q_buf[i]
+            zc = zc_buf[i]
+            n = _U(zhi - zlo + 1)
+            base = _U((row + y) * width + zlo)
+            dz0 = _I16(zlo) - mz
+            shift = mz - zc  # v = dz + shift is the offset from the line's peak
+            l0 = zero
+            l1 = zero
+            l2 = zero
+            if fast:
+                c2 = m_half32 * p22
+                c0 = m_half32 * qmin
+                npad = (n + _U(LANES - 1)) & ~_U(LANES - 1)
+                for j in range(npad):
+                    v = dz0 + shift + _I16(j)
+                    yv = c2 * v * v + c0
+                    w = poly_exp32(yv, k0, k1, k2, k3, k4)
+                    if j >= n:
+                        w = zero
+                    dz = dz0 + _I16(j)
+                    gw = grad[base + j] * w
+                    l0 += gw
+                    l1 += gw * dz
+                    l2 += gw * dz * dz
+            else:
+                c2 = half * p22
+                c0 = half * qmin
+                for j in range(n):
+                    dz = dz0 + _I16(j)
+                    v = dz + shift
+                    gw = grad[base + j] * math.exp(-(c2 * v * v + c0))
+                    l0 += gw
+                    l1 += gw * dz
+                    l2 += gw * dz * dz
+            fx = np.float64(dx)
+            fy = np.float64(dy)
+            f0 = np.float64(l0)
+            f1 = np.float64(l1)
+            m0 += f0
+            m1 += fx * f0
+            m2 += fy * f0
+            m3 += f1
+            m4 += fx * fx * f0
+            m5 += fx * fy * f0
+            m6 += fx * f1
+            m7 += fy * fy * f0
+            m8 += fy * f1
+            m9 += np.float64(l2)
+    partial[t, 0] = m0
+    partial[t, 1] = m1
+    partial[t, 2] = m2
+    partial[t, 3] = m3
+    partial[t, 4] = m4
+    partial[t, 5] = m5
+    partial[t, 6] = m6
+    partial[t, 7] = m7
+    partial[t, 8] = m8
+    partial[t, 9] = m9
+
+
+@njit(parallel=True)
+def _sum_partials(order, offsets, partial, depth, moments):
+    """moments[b, g] = sum over slices of partial[t] (in slice order: deterministic)."""
+    batch = moments.shape[0]
+    for b in prange(batch):
+        moments[b] = 0.0
+        for job in range(b * depth, (b + 1) * depth):
+            for t in range(offsets[job], offsets[job + 1]):
+                g = order[t]
+                for i in range(MOMENTS):
+                    moments[b, g, i] += partial[t, i]
 
 
 @njit(parallel=True, fastmath=_FASTMATH)
@@ -378,13 +410,13 @@ class _Problem:
         self.np_dtype = np_dtype
         self.consts = np.concatenate([exp_constants(np_dtype), np.array([0.0, 0.5, -0.5 / 32], dtype=np_dtype)])
         self.xr = _x_ranges(self.mv, self.pv, self.clip, self.r2, self.ellipsoid, self.consts)
+        self.order, self.offsets = _slice_lists(self.xr, self.shape[0])
 
     def forward(self, amps: torch.Tensor) -> np.ndarray:
         batch = self.mv.shape[0]
         amp = np.ascontiguousarray(amps.detach().cpu().numpy(), dtype=self.np_dtype)
-        order, offsets = _slice_lists(self.xr, self.shape[0])
         out = np.zeros(batch * int(np.prod(self.shape)), dtype=self.np_dtype)
-        _forward_kernel(self.mv, self.pv, amp, self.clip, order, offsets, self.r2, self.ellipsoid, self.fast,
+        _forward_kernel(self.mv, self.pv, amp, self.clip, self.order, self.offsets, self.r2, self.ellipsoid, self.fast,
                         self.consts, out, self.dims)
         return out.reshape(batch, *self.shape)
 
@@ -392,9 +424,11 @@ class _Problem:
         flat = grad.detach().reshape(-1).cpu().numpy()
         g = np.zeros(flat.shape[0] + LANES, dtype=self.np_dtype)  # padded: vector loads may run past a line
         g[:flat.shape[0]] = flat
+        partial = np.empty((self.order.shape[0], MOMENTS), dtype=self.np_dtype)  # per (Gaussian, slice)
+        _backward_kernel(self.mv, self.pv, self.clip, self.order, self.offsets, self.r2, self.ellipsoid, self.fast,
+                         self.consts, g, self.dims, partial)
         moments = np.empty(self.mv.shape[:2] + (MOMENTS,), dtype=np.float64)
-        _backward_kernel(self.mv, self.pv, self.clip, self.xr, self.r2, self.ellipsoid, self.fast, self.consts,
-                         g, self.dims, moments)
+        _sum_partials(self.order, self.offsets, partial, self.shape[0], moments)
         return moments
 
     def count(self) -> np.ndarray:
