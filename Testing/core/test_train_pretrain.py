@@ -220,8 +220,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, lr, steps", [("gaussian", 3e-4, 20), ("voxel", 1e-3, 12)])
-def test_loss_falls_on_real_ct(objective, lr, steps, small_real_ct, tmp_path, capsys):
+@pytest.mark.parametrize("objective, lr, steps, most", [("gaussian", 3e-4, 20, 0.8), ("voxel", 1e-3, 12, 0.6)])
+def test_loss_falls_on_real_ct(objective, lr, steps, most, small_real_ct, tmp_path, capsys):
     """The real pipeline + CLI on a real CT: a held-out evaluation batch's loss falls clearly."""
     from medgmae_core.data.datasets import PretrainCrops, crop_batches, discover_volumes
     from medgmae_core.model import build_model
@@ -243,7 +243,8 @@ def test_loss_falls_on_real_ct(objective, lr, steps, small_real_ct, tmp_path, ca
             return float(model(batch, generator=torch.Generator().manual_seed(5)).loss)
 
     before, after = evaluate(initial), evaluate(trained)
-    assert after < 0.85 * before, (objective, before, after)
+    print(f"{objective}: held-out loss {before:.4f} -> {after:.4f} ({after / before:.2f}x)")
+    assert after < most * before, (objective, before, after)  # measured: 0.55x (gaussian), 0.25x (voxel)
 
 
 def test_medgmae_star_with_bf16_autocast(tmp_path, capsys):
