@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import tempfile
 import time
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
     from medgmae_core.train.checkpoint import load_model
 
     repeats = 1 if args.quick else 3
+    load_start = os.getloadavg()
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, weights_note = demo_checkpoint(Path(tmp))
@@ -286,7 +288,10 @@ def main(argv=None) -> int:
     if not args.skip_scale:
         records.append(bench_render_scale())
         records.append(bench_projector_scale())
-    write_json(args.out, {"benchmark": "interactive", "weights": weights_note, "records": records,
+    write_json(args.out, {"benchmark": "interactive", "weights": weights_note, "torch_threads": torch.get_num_threads(),
+                          "load_average_1_5_15min": {"start": [round(v, 2) for v in load_start],
+                                                     "end": [round(v, 2) for v in os.getloadavg()]},
+                          "records": records,
                           "targets": TARGETS, "all_hold": all(r["holds"] for r in records if r["holds"] is not None)})
     return 0
 
