@@ -270,3 +270,19 @@ def test_bad_inputs_are_rejected_with_named_parameter(kwargs, match):
 def test_non_gaussian_set_is_rejected():
     with pytest.raises(GaussianValidationError, match="GaussianSet"):
         render_volume(torch.zeros(1, 4, 11), (8, 8, 8))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_signed_and_zero_intensities(backend):
+    """Amplitudes of any sign (and zero) render and differentiate like the reference."""
+    g = random_set(batch=1, k=6, seed=9)
+    g = GaussianSet(g.centres, g.scales, g.quaternions, torch.tensor([[0.5, -0.7, 0.0, 1.1, -0.2, 0.3]],
+                                                                     dtype=torch.float64))
+    shape = (11, 12, 10)
+    weight = torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = _grads(g, shape, weight, "reference", "paper")
+    out = _grads(g, shape, weight, backend, "paper")
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(render_volume(g, shape, backend=backend), render_reference(g, shape),
+                               rtol=0, atol=1e-10)

@@ -4,7 +4,7 @@ The volume is cut into T^3 tiles (T = 8). Every (Gaussian, tile) pair whose
 bounding box meets the tile is enumerated; for a pair with the Gaussian centre c
 in tile-local voxel coordinates, the Mahalanobis form over the tile's voxels u is
 
-    q(u) = u^T P u - 2 c^T P u + c^T P c = phi(u) . psi(P, c)
+    -q(u)/2 = -(u^T P u - 2 c^T P u + c^T P c)/2 = phi(u) . psi(P, c)
 
 with ten fixed features phi(u) = (u0^2, u1^2, u2^2, 2u0u1, 2u0u2, 2u1u2, u0, u1, u2, 1),
 so a chunk of pairs is one ``[pairs, 10] @ [10, T^3]`` matrix product. Voxels
@@ -53,29 +53,37 @@ def enumerate_pairs(boxes: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch
     return gid, torch.stack([tx, ty, tz], dim=-1) + t_lo[gid]
 
 
-def _splat_chunk(centres_v, prec_v, amps, gid, tiles, box, phi, r2: float, tile: int):
+def _splat_chunk(centres_v, prec_v, amps, gid, tiles, box, phi, r2: float, tile: int, log_amps: bool):
     """``[C, T^3]`` contributions of one chunk of (Gaussian, tile) pairs.
 
-    ``box`` (``[C,3,2]`` voxel ranges) is tested per voxel only when given: the paper
-    convention needs just the ellipsoid (voxels past the volume edge are cropped later).
+    The GEMM gives the exponent -q/2 directly (plus log(amp) when all amplitudes are
+    positive, saving a pass over the chunk). ``box`` (``[C,3,2]`` voxel ranges) is tested
+    per voxel only when given: the paper convention needs just the ellipsoid (voxels past
+    the volume edge are cropped later).
     """
     c = centres_v[gid] - tiles * tile  # [C, 3] centre in tile-local voxel units
     p = prec_v[gid]  # [C, 3, 3]
     pc = (p @ c[..., None])[..., 0]  # [C, 3]
-    psi = torch.stack([p[:, 0, 0], p[:, 1, 1], p[:, 2, 2], p[:, 0, 1], p[:, 0, 2], p[:, 1, 2],
-                       -2 * pc[:, 0], -2 * pc[:, 1], -2 * pc[:, 2], (c * pc).sum(-1)], dim=-1)  # [C, 10]
-    q = psi @ phi.T  # [C, T^3]
+    a = amps[gid]  # [C]
+    const = -0.5 * (c * pc).sum(-1)
+    if log_amps:
+        const = const + torch.log(a)
+    psi = torch.stack([-0.5 * p[:, 0, 0], -0.5 * p[:, 1, 1], -0.5 * p[:, 2, 2], -0.5 * p[:, 0, 1],
+                       -0.5 * p[:, 0, 2], -0.5 * p[:, 1, 2], pc[:, 0], pc[:, 1], pc[:, 2], const], dim=-1)  # [C, 10]
+    e = psi @ phi.T  # [C, T^3] exponent: -q/2 (+ log a)
     outside = None
     if math.isfinite(r2):
-        outside = q > r2
+        floor = (-0.5 * r2) + (torch.log(a).detach() if log_amps else 0.0)
+        outside = e < (floor[:, None] if log_amps else floor)
     if box is not None:
         idx = tiles[:, :, None] * tile + torch.arange(tile, device=tiles.device)  # [C, 3, T]
         inside = (idx >= box[:, :, 0:1]) & (idx <= box[:, :, 1:2])  # [C, 3, T]
         in_box = (inside[:, 0, :, None, None] & inside[:, 1, None, :, None] & inside[:, 2, None, None, :])
-        outside = ~in_box.reshape(q.shape) if outside is None else outside | ~in_box.reshape(q.shape)
+        outside = ~in_box.reshape(e.shape) if outside is None else outside | ~in_box.reshape(e.shape)
     if outside is not None:
-        q = q.masked_fill(outside, math.inf)  # exp(-inf) = 0, with a zero gradient
-    return amps[gid, None] * torch.exp(-0.5 * q)
+        e = e.masked_fill_(outside, -math.inf)  # exp(-inf) = 0, with a zero gradient
+    weight = torch.exp(e)
+    return weight if log_amps else a[:, None] * weight
 
 
 def render_tiles(centres: torch.Tensor, precisions: torch.Tensor, amps: torch.Tensor, clip: torch.Tensor,
@@ -103,13 +111,14 @@ def render_tiles(centres: torch.Tensor, precisions: torch.Tensor, amps: torch.Te
     phi = tile_features(tile, centres.dtype, centres.device)
     r2 = radius * radius
     chunk = max(1, max_chunk_elements // tile ** 3)
+    log_amps = bool((amps > 0).all()) if amps.numel() else False
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (centres, precisions, amps))
     for start in range(0, gid.shape[0], chunk):
         g = gid[start:start + chunk]
         t = tiles[start:start + chunk]
         b = torch.div(g, k, rounding_mode="floor")
         slot = ((b * ntiles[0] + t[:, 0]) * ntiles[1] + t[:, 1]) * ntiles[2] + t[:, 2]
-        args = (centres_v, prec_v, amps_f, g, t, None if clip_is_volume else box_f[g], phi, r2, tile)
+        args = (centres_v, prec_v, amps_f, g, t, None if clip_is_volume else box_f[g], phi, r2, tile, log_amps)
         contrib = checkpoint(_splat_chunk, *args, use_reentrant=False) if needs_grad else _splat_chunk(*args)
         out.index_add_(0, slot, contrib)
     vol = out.reshape(batch, ntiles[0], ntiles[1], ntiles[2], tile, tile, tile)
