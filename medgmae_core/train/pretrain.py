@@ -498,10 +498,12 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
                 history.append([step, loss_value])
                 step_time = time.perf_counter() - t0
                 if reporter and (step % cfg["log_every"] == 0 or step == cfg["steps"]):
-                    reporter.progress(step, loss=loss_value, lr=lr, step_time=round(step_time, 4),
-                                      data_time=round(data_time, 4),
-                                      samples_per_s=round(cfg["batch_size"] * info.world_size / step_time, 3),
-                                      grad_norm=float(grad_norm), skipped=len(report))
+                    metrics = dict(loss=loss_value, lr=lr, step_time=round(step_time, 4), data_time=round(data_time, 4),
+                                   samples_per_s=round(cfg["batch_size"] * info.world_size / step_time, 3),
+                                   grad_norm=float(grad_norm), skipped=len(report))
+                    if not cfg["progress_json"]:  # a short bar for people
+                        metrics = {k: metrics[k] for k in ("loss", "lr", "samples_per_s", "skipped")}
+                    reporter.progress(step, **metrics)
                 stopping = any_rank(bool(stop), info, device)
                 if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"] or stopping:
                     save(step)
