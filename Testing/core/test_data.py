@@ -159,6 +159,8 @@ def test_datalist_json(tmp_path, small_real_ct):
 def test_dicom_folder_is_discovered(example_ct_dicom):
     cases = discover_volumes(example_ct_dicom.parent)
     assert str(example_ct_dicom) in [c["image"] for c in cases]
+    report = SkipReport(verbose=False)
+    assert validate_volumes([c for c in cases if c["image"] == str(example_ct_dicom)], report) and not len(report)
 
 
 def test_crop_stream_is_a_function_of_seed_and_step():

@@ -105,7 +105,11 @@ class VolumeHeader:
 
 
 def read_header(path: str | Path) -> VolumeHeader:
-    """Shape and spacing from the header only (no voxel data); raises ValueError naming the file."""
+    """Shape and spacing from the header only (no voxel data); raises ValueError naming the file.
+
+    For a DICOM folder the shape is (columns, rows, number of files) and the
+    spacing comes from the first slice's header (its third value is not the slice spacing).
+    """
     path = Path(path)
     try:
         if path.is_dir():
