@@ -1,11 +1,11 @@
 """Zero-shot initialisation benchmark: 3DGR-CT from ``random``, ``fbp`` (the 3DGR-CT heuristic) and ``medgmae``.
 
-    python benchmarks/recon_init.py --out recon_init.json [--checkpoint PATH] [--iters 300] [--quick]
+    python benchmarks/recon_init.py --out recon_init.json [--checkpoint PATH] [--iters 200] [--quick]
 
 One simulated cone-beam scan (120 views over 360 degrees, noiseless) of a shipped real CT
 (``chest_cta_pulmonary_ct_cropped``, 1.5 mm, cropped and block-averaged to CPU scale), one FDK, then
-the same fit (same FitConfig, same iteration budget, same random view subsets per iteration) from each
-initialisation, in one run. Per initialisation: the PSNR curve (evaluated every ``--eval-every``
+the same fit (same FitConfig, same iteration budget, same seed for the random view subsets) from each
+initialisation, in one run; ``fbp_matched`` repeats the FBP heuristic with medgmae's Gaussian count. Per initialisation: the PSNR curve (evaluated every ``--eval-every``
 iterations; data range = max - min of the reference), iterations and seconds to reach PSNR 30 and 35 (and
 a ladder of lower levels, since a CPU-scale budget may not reach 35), final PSNR/SSIM, the Gaussian
 count, and the initialisation's own cost. Ratios are each init's iterations-to-target over ``fbp``'s
@@ -89,12 +89,14 @@ def main() -> int:
     ap.add_argument("--crop", default="13:109,3:99,40:72", help="CT crop before downsampling (voxels)")
     ap.add_argument("--downsample", type=int, default=2)
     ap.add_argument("--views", type=int, default=120)
-    ap.add_argument("--views-per-iter", type=int, default=20)
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--views-per-iter", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--num-gaussians", type=int, default=3000, help="initial count for random and fbp")
+    ap.add_argument("--num-gaussians", type=int, default=1500, help="initial count for random and fbp")
     ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--inits", default="random,fbp,medgmae")
+    ap.add_argument("--inits", default="random,fbp,medgmae,fbp_matched",
+                    help="fbp_matched: the FBP heuristic with as many Gaussians as medgmae predicted (a control "
+                         "separating where Gaussians start from how many there are)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny budget, to check the script runs")
     args = ap.parse_args()
@@ -115,14 +117,22 @@ def main() -> int:
 
     runs: dict[str, dict] = {}
     for method in [m.strip() for m in args.inits.split(",") if m.strip()]:
-        if method.startswith("medgmae") and checkpoint is None:
+        if (method.startswith("medgmae") or method == "fbp_matched") and checkpoint is None:
             runs[method] = {"method": method, "skipped": "no checkpoint (--checkpoint or bundled demo_tiny.pt)"}
             continue
+        count = args.num_gaussians
+        if method == "fbp_matched":
+            mg = runs.get("medgmae", {})
+            if "initial_gaussians" not in mg:
+                runs[method] = {"method": method, "skipped": "needs a medgmae run first"}
+                continue
+            count = mg["initial_gaussians"]
         print(f"{method}:", flush=True)
         try:
-            runs[method] = run_init(method, data, fdk, cfg, num_gaussians=args.num_gaussians,
-                                    checkpoint=checkpoint if method.startswith("medgmae") else None,
+            runs[method] = run_init("fbp" if method == "fbp_matched" else method, data, fdk, cfg,
+                                    num_gaussians=count, checkpoint=checkpoint if method.startswith("medgmae") else None,
                                     max_intensity=max_intensity, seed=args.seed)
+            runs[method]["method"] = method
         except (ValueError, FileNotFoundError) as exc:  # e.g. a checkpoint whose Gaussians miss the volume
             runs[method] = {"method": method, "failed": f"{type(exc).__name__}: {exc}"}
 
