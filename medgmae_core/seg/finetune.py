@@ -110,7 +110,8 @@ def preprocess_transforms(task: LabelMap, source: LabelMap | None, *, spacing_mm
     steps: list[Any] = [LoadCTd(IMAGE), LoadCTd(LABEL), EnsureChannelFirstd(keys=keys)] if load else []
     # RAS first: a label exported with flipped or permuted axes (e.g. a DICOM series' NIfTI labels)
     # then lies on the image's grid; anything else is a real mismatch
-    steps += [Orientationd(keys=keys, axcodes="RAS"), CheckSameGridd(), RemapLabelsd(task, source),
+    steps += [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+              CheckSameGridd(), RemapLabelsd(task, source),
               EnsureCTd(keys=IMAGE)]
     if spacing_mm is not None:
         sp = tuple(spacing_mm) if isinstance(spacing_mm, (list, tuple)) else (float(spacing_mm),) * 3
