@@ -133,6 +133,12 @@ def main() -> int:
                                     num_gaussians=count, checkpoint=checkpoint if method.startswith("medgmae") else None,
                                     max_intensity=max_intensity, seed=args.seed)
             runs[method]["method"] = method
+            if method.startswith("medgmae"):
+                from medgmae_core.train.checkpoint import load_checkpoint
+
+                ck = load_checkpoint(checkpoint)
+                runs[method]["checkpoint_step"] = ck.get("step")
+                runs[method]["checkpoint_model"] = ck.get("model_config", {}).get("name")
         except (ValueError, FileNotFoundError) as exc:  # e.g. a checkpoint whose Gaussians miss the volume
             runs[method] = {"method": method, "failed": f"{type(exc).__name__}: {exc}"}
 

@@ -8,7 +8,7 @@ import torch
 from medgmae_core.gaussians import GaussianSet
 from medgmae_core.recon.fit import (FitConfig, GaussianParams, ReconstructionFit, build_optimizer, densify_and_prune,
                                     DensifyStats, split_children, subvolume_gaussians, xyz_learning_rate)
-from medgmae_core.render import render_volume
+from medgmae_core.render import render_reference as render_volume  # dense, no JIT: tiny volumes here
 
 SHAPE = (12, 12, 12)
 
@@ -152,7 +152,7 @@ def test_fit_improves_and_resume_is_exact(tmp_path):
 
     def make():
         params = GaussianParams.from_gaussians(init, max_intensity=2.0)
-        return ReconstructionFit(params, meas, toy_project, SHAPE, cfg, reference=ref)
+        return ReconstructionFit(params, meas, toy_project, SHAPE, cfg, reference=ref, render=render_volume)
 
     straight = make()
     res = straight.run()
