@@ -73,7 +73,7 @@ def test_real_pretraining_in_background_cancel_and_resume(tmp_path, monkeypatch)
 
     monkeypatch.setenv("MEDGMAE_RENDER_BACKEND", "torch")  # no numba JIT warm-up in a short test
     logic = MedGMAELogic(scene=object())
-    tiny = ["--img-size", "24,24,24", "--phantom-shape", "40,40,32", "--batch-size", "1", "--checkpoint-every", "1"]
+    tiny = ["--img-size", "24", "--phantom-shape", "40,40,32", "--batch-size", "1", "--checkpoint-every", "1"]
     job = logic.start_training(data_folder="phantom:1", out_dir=tmp_path, steps=200, device="cpu", extra_args=tiny)
     deadline = time.monotonic() + 240
     while not any(e.get("event") == "checkpoint" for e in job.events) and job.is_running and time.monotonic() < deadline:

@@ -400,7 +400,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
             log.warning("resuming with changed settings %s: the run will not equal an uninterrupted one", changed)
         model_config = ModelConfig.from_dict(ckpt["model_config"])
         asked = {k: explicit[k] for k in MODEL_KEYS if k in explicit}
-        if asked and build_model_config({**cfg, **asked}) != model_config and info.is_main:
+        if asked and build_model_config(validate_settings({**cfg, **asked})) != model_config and info.is_main:
             log.warning("--resume keeps the checkpoint's model config; ignoring model settings %s", sorted(asked))
         cfg.update({k: ckpt["train_config"][k] for k in MODEL_KEYS if k in ckpt["train_config"]})
     else:
