@@ -62,12 +62,14 @@ def configure_numba_cache() -> str | None:
     return None
 
 
-configure_numba_cache()
+_CACHE_FALLBACK = configure_numba_cache()
 
 try:  # numba is optional at run time: torch paths must work without it
     import numba as _numba
     from numba import prange
     _IMPORT_ERROR: str | None = None
+    if _CACHE_FALLBACK and not getattr(_numba.config, "CACHE_DIR", ""):
+        _numba.config.CACHE_DIR = _CACHE_FALLBACK  # numba was imported before us and read no NUMBA_CACHE_DIR
     # numba's OpenMP layer starts a second OpenMP runtime beside torch's; its idle
     # threads keep spinning after each kernel and, on few cores, made every torch op
     # that followed a render 60-100x slower. The workqueue layer's threads sleep.

@@ -201,18 +201,27 @@ def test_release_mass_is_c_times_the_boxed_gaussian(backend):
 
 # -------------------------------------------------------- determinism
 @pytest.mark.skipif(not numba_available(), reason="numba missing")
-def test_numba_forward_is_bit_identical_across_thread_counts():
+def test_numba_is_bit_identical_across_thread_counts():
     from medgmae_core.numba_support import get_num_threads, set_num_threads
     g = random_set(batch=2, k=40, seed=7, dtype=torch.float32, sigma_range=(0.03, 0.15))
+    weight = torch.rand(2, 24, 20, 22, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        leaves = g.map(lambda t: t.clone().requires_grad_())
+        out = render_volume(leaves, (24, 20, 22), backend="numba")
+        (out * weight).sum().backward()
+        return [out.detach(), *(t.grad for t in leaves.tensors())]
+
     before = get_num_threads()
     try:
         set_num_threads(1)
-        one = render_volume(g, (24, 20, 22), backend="numba")
+        one = run()
         set_num_threads(max(2, before))
-        many = render_volume(g, (24, 20, 22), backend="numba")
+        many = run()
     finally:
         set_num_threads(before)
-    assert torch.equal(one, many)
+    for a, b in zip(one, many):  # volume and all four gradients
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------ backends

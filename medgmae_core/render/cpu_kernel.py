@@ -127,7 +127,6 @@ def _y_range(sch, dx, my, clip, b, g, r2, ellipsoid):
     return lo, hi
 
 
-
 @njit(inline="always")
 def _slice_setup(sch, dx, dy0, ny, mz, r2, clo, chi, ellipsoid, lo_buf, hi_buf, q_buf, zc_buf):
     """Vectorised z-range set-up of the ny lines y = y0 .. y0+ny-1 of one x-slice of a Gaussian:
