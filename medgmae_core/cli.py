@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("medgmae_core.seg.segment", "segment a CT with a fine-tuned checkpoint"),
     "evaluate": ("medgmae_core.seg.evaluate", "Dice and HD95 of label maps against references"),
     "reconstruct": ("medgmae_core.recon.cli", "3DGR-CT Gaussian reconstruction from projections"),
-    "render": ("medgmae_core.render.cli", "render a Gaussian set (PLY or the phantom) to NIfTI and PNG"),
+    "render": ("medgmae_core.render.cli", "render a Gaussian PLY to a NIfTI volume (and a PNG overview)"),
 }
 
 
