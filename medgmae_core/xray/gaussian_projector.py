@@ -49,13 +49,18 @@ _BYTES_PER_PAIR = 4 * 64  # rough autograd footprint of stage 1 per (Gaussian, v
 
 
 # ----------------------------------------------------------------- stage 1
+COV_ENTRIES = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
 def gaussians_mm(gaussians: GaussianSet, geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centres ``[B, k, 3]`` (mm), covariances ``[B, k, 3, 3]`` (mm^2) and ``det Sigma`` ``[B, k]``."""
+    """Component-major, contiguous: centres ``[B, 3, k]`` (mm), the six covariance entries
+    ``[B, 6, k]`` (S00, S11, S22, S01, S02, S12; mm^2) and ``det Sigma`` ``[B, k]``."""
     extent = geometry.extent_tensor(gaussians.dtype, gaussians.device)  # [3]
-    means = (gaussians.centres - 0.5) * extent
-    cov = gaussians.covariances() * (extent[:, None] * extent[None, :])
+    means = ((gaussians.centres - 0.5) * extent).transpose(1, 2).contiguous()
+    cov = gaussians.covariances() * (extent[:, None] * extent[None, :])  # [B, k, 3, 3]
+    cov6 = torch.stack([cov[..., i, j] for i, j in COV_ENTRIES], dim=1)  # [B, 6, k]
     det3 = (gaussians.scales * extent).prod(-1).square()
-    return means, cov, det3
+    return means, cov6, det3
 
 
 Vec3 = tuple  # three tensors (or floats) broadcasting to [B, C, k]
@@ -69,14 +74,14 @@ def _quad(x: Vec3, y: Vec3, cov: tuple) -> torch.Tensor:
 
 
 def detector_jacobian(means: torch.Tensor, geometry, views: slice) -> tuple[torch.Tensor, torch.Tensor, Vec3, Vec3]:
-    """Detector (u, v) mm ``[B, C, k]`` of each centre and the rows ``J_u, J_v`` of its 2x3 Jacobian.
+    """Detector (u, v) mm ``[B, C, k]`` of centres ``[B, 3, k]`` and the rows ``J_u, J_v`` of their 2x3 Jacobian.
 
     Elementwise on ``[B, C, k]`` (batched tiny matmuls are far slower on CPU).
     """
     angles = geometry.angles[views].to(device=means.device, dtype=torch.float64)
     cs = torch.cos(angles).to(means.dtype)[None, :, None]  # [1, C, 1]
     sn = torch.sin(angles).to(means.dtype)[None, :, None]
-    m0, m1, m2 = (means[..., a][:, None, :] for a in range(3))  # [B, 1, k]
+    m0, m1, m2 = (means[:, a, None, :] for a in range(3))  # [B, 1, k]
     u = -sn * m0 + cs * m1  # [B, C, k] position along e_u
     v = m2.expand_as(u)
     if not isinstance(geometry, ConeBeam):
@@ -91,11 +96,11 @@ def detector_jacobian(means: torch.Tensor, geometry, views: slice) -> tuple[torc
     return u, v, j_u, j_v
 
 
-def splat_params(means: torch.Tensor, cov: torch.Tensor, det3: torch.Tensor, intensities: torch.Tensor,
+def splat_params(means: torch.Tensor, cov6: torch.Tensor, det3: torch.Tensor, intensities: torch.Tensor,
                  geometry, views: slice) -> torch.Tensor:
-    """Per (Gaussian, view) 2D splat parameters in pixel units -> ``[B, C, k, 6]``."""
+    """Per (Gaussian, view) 2D splat parameters in pixel units -> ``[B, C, k, 6]`` (inputs from ``gaussians_mm``)."""
     u, v, j_u, j_v = detector_jacobian(means, geometry, views)  # [B, C, k], rows of J
-    six = tuple(cov[..., i, j][:, None, :] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)))
+    six = tuple(cov6[:, e, None, :] for e in range(6))  # [B, 1, k] each
     dv, du = geometry.detector_spacing
     s_cc = _quad(j_u, j_u, six) / du**2  # projected covariance, pixel units
     s_cr = _quad(j_u, j_v, six) / (du * dv)
