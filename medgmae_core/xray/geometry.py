@@ -16,6 +16,12 @@ Frame (all in mm, volume axes D, H, W = x0, x1, x2):
   Cone beam (flat detector, circular orbit): the source is at ``-SOD r``, the
   detector plane at ``(SDD - SOD) r``, and the ray runs from the source to
   ``(SDD - SOD) r + u e_u + v e_v``.
+
+Example, the real tooth scan in ``../shared/data/ct/tomography`` (181 views over
+180 deg, 2 rows x 640 columns, axis near column 295.5): after
+``-log((I - dark) / (white - dark))``, ``fbp(proj, ParallelBeam(np.deg2rad(theta),
+(2, 640), (1.0, 1.0), (415.0, 415.0, 1.0), detector_offset=-24.0), (416, 416, 2))``
+gives a sharp tooth cross-section (units: detector pixels).
 """
 from __future__ import annotations
 
