@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .geometry import ConeBeam, GeometryError, ParallelBeam, check_geometry
+from .geometry import ConeBeam, GeometryError, check_geometry
 
 DEFAULT_MAX_SAMPLES = 1 << 22  # samples per block (~50 MB of grid at float32)
 
@@ -171,4 +171,4 @@ def backproject(projections: torch.Tensor, geometry, shape, *, step_fraction: fl
     return _Backproject.apply(projections, geometry, shape, step_fraction, max_samples)
 
 
-__all__ = ["project_volume", "backproject", "ray_sampling", "RaySampling", "ParallelBeam", "ConeBeam"]
+__all__ = ["project_volume", "backproject", "ray_sampling", "RaySampling"]
