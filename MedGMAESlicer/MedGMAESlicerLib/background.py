@@ -41,7 +41,7 @@ class BackgroundLogic:
                     "--out-dir", str(out_dir), "--progress-json"] + (["--resume", "auto"] if resume else [])
         else:  # medgmae finetune: UNETR from a pre-trained encoder
             args = ["--data", str(data_folder), "--config", config, "--steps", str(int(steps)), "--device", device,
-                    "--out", str(out_dir), "--json-lines"] + (["--resume"] if resume else [])
+                    "--out", str(out_dir), "--progress-json"] + (["--resume"] if resume else [])
             if is_set(pretrained):
                 args += ["--encoder", str(pretrained)]
         return [command, *args, *map(str, extra_args)]

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 IS_WINDOWS = sys.platform.startswith("win")
 
 EventCallback = Callable[[dict], None]
-PROGRESS_FLAGS = ("--progress-json", "--json-lines")  # the CLI's JSON-lines switches (finetune uses the second)
+PROGRESS_FLAGS = ("--progress-json", "--json-lines")  # the CLI's JSON-lines switch (and its older alias)
 
 
 class JobState(str, enum.Enum):

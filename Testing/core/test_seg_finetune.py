@@ -47,7 +47,7 @@ def _base(ts, out, steps=STEPS, *extra):
             "--label-map", str(ts / "labels_total_v2.json"), "--classes", CLASSES, "--spacing", "6",
             "--roi", "24", "--feature-size", "8", "--steps", str(steps), "--val-every", str(steps),
             "--checkpoint-every", "12", "--lr", "1e-2", "--warmup", "2", "--layer-decay", "0.9",
-            "--json-lines", "--quiet", "--out", str(out), *extra]
+            "--progress-json", "--quiet", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")

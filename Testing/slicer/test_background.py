@@ -22,7 +22,7 @@ def test_training_commands(tmp_path):
                     "--out-dir", str(tmp_path / "run"), "--progress-json", "--resume", "auto"]
     ft = logic.training_command(command="finetune", data_folder=tmp_path, out_dir=tmp_path, steps=5, device="auto",
                                 pretrained=tmp_path / "enc.pt")
-    assert ft[:2] == ["finetune", "--data"] and "--json-lines" in ft and ft[-2:] == ["--encoder", str(tmp_path / "enc.pt")]
+    assert ft[:2] == ["finetune", "--data"] and "--progress-json" in ft and ft[-2:] == ["--encoder", str(tmp_path / "enc.pt")]
     assert ft[ft.index("--device") + 1] in ("cpu", "cuda")  # 'auto' resolved: finetune takes a concrete device
     with pytest.raises(FileNotFoundError, match="training data folder /no/such/dir does not exist"):
         logic.training_command(data_folder="/no/such/dir", out_dir=tmp_path)

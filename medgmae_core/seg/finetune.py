@@ -16,7 +16,7 @@ Optimisation: Dice+CE, AdamW with layer-wise lr decay over the encoder (block i 
 ``lr * decay^(depth + 1 - layer)``), warmup + cosine, gradient clipping; ``--freeze-encoder`` trains the
 decoder only. Checkpoints are the one format (``train.checkpoint``: atomic ``step_*.pt`` + ``last.pt``,
 ``best.pt`` by validation Dice) with the label names, spacing and UNETR architecture in ``extra``.
-Progress is JSON lines (``--json-lines``); ``curves.png`` plots loss and validation Dice.
+Progress is JSON lines (``--progress-json``); ``curves.png`` plots loss and validation Dice.
 """
 from __future__ import annotations
 
@@ -424,7 +424,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     augment = augment_transforms(roi, num_samples=args.crops_per_case, pos=args.pos, neg=args.neg)
 
     # ---- network, optimiser
-    device = torch.device(args.device)
+    from ..train.distributed import resolve_device
+
+    device = resolve_device(args.device)
     model, origin = build_network(args, task.num_classes, roi)
     model.freeze_encoder(bool(args.freeze_encoder))
     model.to(device)
@@ -550,7 +552,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--warmup", type=int, default=50)
     o.add_argument("--clip-grad", type=float, default=1.0)
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--device", default="cpu")
+    o.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     o.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
     r = parser.add_argument_group("output")
     r.add_argument("--out", required=True, help="run folder: step_*.pt, last.pt, best.pt, curves.png, history.json")
@@ -558,7 +560,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint-every", type=int, default=200)
     r.add_argument("--keep-last", type=int, default=2)
     r.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    r.add_argument("--json-lines", action="store_true", help="JSON-lines progress on stdout")
+    r.add_argument("--progress-json", "--json-lines", dest="json_lines", action="store_true",
+                   help="JSON-lines progress on stdout")
     r.add_argument("--quiet", action="store_true", help="no encoder load report")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..train.distributed import resolve_device
 from .io import resample_nearest, write_nifti
 from .labels import LabelMap, sidecar_path
 from .unetr import UNETR, build_unetr
@@ -125,9 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output label map (.nii.gz); names go to <out>.labels.json")
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
-    parser.add_argument("--json-lines", action="store_true", help="JSON-lines progress on stdout")
+    parser.add_argument("--progress-json", "--json-lines", dest="json_lines", action="store_true",
+                        help="JSON-lines progress on stdout")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -143,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
     reporter.start(input=str(args.input), checkpoint=str(args.checkpoint))
     try:
         result = segment(args.input, args.checkpoint, args.out, overlap=args.overlap,
-                         sw_batch_size=args.sw_batch_size, device=args.device)
+                         sw_batch_size=args.sw_batch_size, device=resolve_device(args.device))
     except Exception as exc:
         reporter.error(str(exc))
         raise
