@@ -31,7 +31,6 @@ the right mass and differs only in *where* and *how shaped* its Gaussians are.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Sequence
 
 import numpy as np

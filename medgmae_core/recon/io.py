@@ -36,7 +36,6 @@ Poisson noise at ``I0`` photons per unattenuated detector pixel.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
