@@ -120,7 +120,7 @@ def render_tiles(centres: torch.Tensor, precisions: torch.Tensor, amps: torch.Te
         slot = ((b * ntiles[0] + t[:, 0]) * ntiles[1] + t[:, 1]) * ntiles[2] + t[:, 2]
         args = (centres_v, prec_v, amps_f, g, t, None if clip_is_volume else box_f[g], phi, r2, tile, log_amps)
         contrib = checkpoint(_splat_chunk, *args, use_reentrant=False) if needs_grad else _splat_chunk(*args)
-        out.index_add_(0, slot, contrib)
+        out.index_put_((slot,), contrib, accumulate=True)  # unlike index_add_, saves only the index for backward
     vol = out.reshape(batch, ntiles[0], ntiles[1], ntiles[2], tile, tile, tile)
     vol = vol.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, ntiles[0] * tile, ntiles[1] * tile, ntiles[2] * tile)
     return vol[:, :shape[0], :shape[1], :shape[2]]
