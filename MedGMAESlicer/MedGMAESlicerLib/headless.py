@@ -46,12 +46,11 @@ class Session:
         path = Path(path)
         if path.suffix.lower() != ".mrb":
             raise ValueError(f"scene output {path} must end in .mrb")
+        if not in_slicer_app():
+            from medgmae_core.export.slicer_scene import write_mrb
+            return write_mrb(self.scene, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if in_slicer_app():
-            ok = slicer.util.saveScene(str(path))
-        else:
-            ok = self.scene.WriteToMRB(str(path))
-        if not ok or not path.is_file():
+        if not slicer.util.saveScene(str(path)) or not path.is_file():
             raise RuntimeError(f"could not write the scene bundle {path}")
         return path
 

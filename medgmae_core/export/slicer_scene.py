@@ -169,9 +169,21 @@ def write_scene(path: str | Path, *, ct=None, mask=None, prediction=None, glyphs
     if glyphs is not None:
         add_glyph_model_node(scene, glyphs, names["glyphs"])
     set_slice_layers(scene, ct_node or pred_node, pred_node if ct_node else None, mask_node)
+    return write_mrb(scene, path)
+
+
+def write_mrb(scene, path: str | Path) -> Path:
+    """Write ``scene`` as a Slicer bundle atomically (temp file + rename); returns the absolute path.
+
+    slicer-core's ``WriteToMRB`` fails on relative paths, so the path is resolved first.
+    """
+    path = Path(path).expanduser().resolve()
+    if path.suffix.lower() != ".mrb":
+        raise ValueError(f"Slicer scene bundle path must end in .mrb, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.mrb")
-    if not scene.WriteToMRB(str(tmp)):
+    if not scene.WriteToMRB(str(tmp)) or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"slicer-core could not write the scene bundle {path}")
     tmp.replace(path)
     return path
@@ -197,5 +209,5 @@ def read_scene(path: str | Path) -> HeadlessScene:
     return hs
 
 
-__all__ = ["HeadlessScene", "new_scene", "add_volume_node", "add_glyph_model_node", "set_slice_layers",
+__all__ = ["HeadlessScene", "new_scene", "add_volume_node", "add_glyph_model_node", "set_slice_layers", "write_mrb",
            "write_scene", "read_scene", "volume_array", "node_ijk_to_ras", "INTENSITY_COLOR_NODE"]
