@@ -50,3 +50,15 @@ def shared_ct() -> Path:
 def small_real_ct(shared_ct: Path) -> Path:
     """122x101x30, 3 mm, upper abdomen (TotalSegmentator example_ct_sm)."""
     return shared_ct / "totalsegmentator" / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module with one torch thread: small tensors and 3D conv backward run faster on one thread than on
+    two contended ones of a shared 2-core machine. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,13 +16,7 @@ from medgmae_core.render import render_volume
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two contended ones on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = dict(img_size=24, patch_size=6, num_gaussians=8)  # 64 patches of 6^3

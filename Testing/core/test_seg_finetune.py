@@ -22,13 +22,7 @@ STEPS = 24
 CLASSES = "liver,spleen,kidneys=kidney_left+kidney_right"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """3D conv backward with 2 OpenMP threads is ~10x slower than 1 on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

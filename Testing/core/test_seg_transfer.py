@@ -12,13 +12,7 @@ from medgmae_core.seg.unetr import UNETR, skip_layers, upsample_stages
 from medgmae_core.train.checkpoint import save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """3D conv backward with 2 OpenMP threads is ~10x slower than 1 on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
