@@ -156,13 +156,7 @@ def fast_exp(x):
     """
     if x < FAST_EXP_MIN:
         return x * 0.0
-    y = x * 0.03125
-    p = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0)))))
-    p = p * p
-    p = p * p
-    p = p * p
-    p = p * p
-    return p * p
+    return poly_exp32(x * 0.03125, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0)
 
 
 @njit(inline="always")
