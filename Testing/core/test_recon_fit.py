@@ -46,6 +46,29 @@ def test_xyz_learning_rate_is_exponential():
     opt = build_optimizer(GaussianParams.from_gaussians(_gaussians(3, 1), 2.0), cfg)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"xyz": 2e-3, "scale": 5e-3, "rotation": 1e-3, "intensity": 0.05}
+    assert cfg.lr_horizon == 30_000
+    with pytest.raises(ValueError, match="lr_horizon"):
+        FitConfig(lr_horizon=0).validate()
+
+
+def test_xyz_learning_rate_follows_the_fixed_horizon_not_iters():
+    """3DGR-CT decays the position lr over a fixed horizon: a 20-iteration run keeps ~2e-3, and the lr at an
+    iteration does not depend on how many iterations the run has."""
+    from medgmae_core.recon.fit import ReconstructionFit
+
+    seen = {}
+    for iters, horizon in ((20, 30_000), (40, 30_000), (20, 20)):
+        cfg = FitConfig(iters=iters, lr_horizon=horizon, eval_every=iters, densify_from=10_000)
+        params = GaussianParams.from_gaussians(_gaussians(4, 3), 2.0)
+        fit = ReconstructionFit(params, torch.ones(1, 1, 4, 4), lambda g, v: g.intensities.sum() * torch.ones(1, 1, 4, 4),
+                                (4, 4, 4), cfg)
+        for it in range(iters):
+            fit.step(it)
+            if it == 19:
+                seen[(iters, horizon)] = fit.optimizer.param_groups[0]["lr"]
+    assert seen[(20, 30_000)] == seen[(40, 30_000)] == pytest.approx(xyz_learning_rate(19, 30_000, 2e-3, 2e-6))
+    assert seen[(20, 30_000)] > 1.9e-3
+    assert seen[(20, 20)] < 3e-6  # the old behaviour (horizon = iters) would have decayed to ~2e-6
 
 
 def _params_with_state(k=6):

@@ -110,3 +110,118 @@ def test_calibration_gain_is_least_squares():
     measured = 2.5 * proj(g)
     scaled, gain = calibrate_intensities(g, proj, measured)
     assert gain == pytest.approx(2.5) and torch.allclose(scaled.intensities, 2.5 * g.intensities)
+
+
+# ----------------------------------------------------------- zero-shot conversion
+def _phantom_scan(n=32, seed=7):
+    from medgmae_core.data.phantom import make_phantom
+    from medgmae_core.recon.io import simulate_scan
+
+    ph = make_phantom((n, n, n), 96.0 / n, seed=seed, noise_hu=0.0)
+    mu = torch.from_numpy(hu_to_mu(ph.hu)).float()
+    data = simulate_scan(mu, (96.0 / n,) * 3, geometry="parallel", views=120)
+    return mu, data
+
+
+def test_residual_target_holds_the_offset_and_the_clipped_content():
+    from medgmae_core.recon.initialisation import residual_target, slope_converted
+
+    hu = torch.tensor([-1000.0, -600.0, -100.0, 0.0, 200.0, 900.0]).reshape(1, 2, 3).repeat(4, 1, 1)
+    mu = hu_to_mu(hu)
+    _, lo, hi = fbp_to_window(mu, MU_WATER)
+    empty = slope_converted(GaussianSet.isotropic(torch.full((1, 1, 3), 0.5), 1e-4, torch.zeros(1, 1)), lo, hi)
+    r = residual_target(empty, mu, lo, hi)
+    assert lo == pytest.approx(MU_WATER * 0.825) and hi == pytest.approx(MU_WATER * 1.25)
+    # below the window: the FBP itself; inside: exactly mu_lo; above: FBP (the empty prediction renders 0)
+    assert torch.allclose(r[0, 0], torch.tensor([0.0, float(mu[0, 0, 1]), lo]), atol=1e-7)
+    assert torch.allclose(r[0, 1], torch.tensor([lo, lo, float(mu[0, 1, 2])]), atol=1e-7)
+
+
+def test_joint_gains_are_least_squares_and_non_negative():
+    from medgmae_core.recon.initialisation import joint_gains
+
+    a, b = GaussianSet.random(1, 4, dtype=torch.float64), GaussianSet.random(1, 3, dtype=torch.float64)
+    weights = torch.rand(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def proj(g):  # a linear map of the intensities (distinct rows per set via the centres)
+        return (g.intensities[0, :, None] * (weights[: g.num_gaussians] + g.centres[0, :, :1])).sum(0)
+
+    measured = 2.0 * proj(a) + 0.5 * proj(b)
+    merged, gains = joint_gains([a, b], proj, measured)
+    assert gains == pytest.approx([2.0, 0.5], rel=1e-6) and merged.num_gaussians == 7
+    # a set that only hurts gets gain 0 and is dropped (non-negative least squares)
+    merged, gains = joint_gains([a, b], proj, 2.0 * proj(a) - 0.5 * proj(b))
+    assert gains[1] == 0.0 and gains[0] > 0 and merged.num_gaussians == 4
+
+
+def test_oracle_conversion_starts_within_1db_of_the_fit(one_torch_thread):
+    """A direct Gaussian fit of the windowed ground truth (a perfect model's prediction) pushed through the
+    zero-shot conversion starts within 1 dB of the fit's own PSNR; the old slope-only conversion does not."""
+    import math
+
+    from medgmae_core.recon.fit import GeometryProjector
+    from medgmae_core.recon.initialisation import fit_to_volume, initialise_calibrated, slope_converted
+    from medgmae_core.recon.metrics import psnr
+    from medgmae_core.render import render_volume
+    from medgmae_core.xray.fbp import reconstruct_analytic
+
+    mu, data = _phantom_scan()
+    shape = tuple(mu.shape)
+    fbp = reconstruct_analytic(data.projections[None], data.geometry, data.volume_shape)[0]
+    extent = data.geometry.volume_extent_mm
+    rng = float(mu.max() - mu.min())
+    v, lo, hi = fbp_to_window(mu, MU_WATER)
+    assert float((v == 0).float().mean()) > 0.2 and float((v == 1).float().mean()) > 0.003  # air, bone/contrast
+    fit = fit_to_volume(v, init_fbp(v, extent, 800, uniform_weight=1.0), 150)
+    own = psnr(render_volume(fit, shape)[0], v, 1.0)  # the fit's own PSNR (model units, range 1)
+    project = GeometryProjector(data.geometry)
+    g, info = initialise_calibrated("oracle", fbp_volume=fbp, extent_mm=extent, project=lambda x: project(x),
+                                    measured=data.projections, prediction=(fit, lo, hi), num_gaussians=800)
+    start = psnr(render_volume(g, shape)[0], mu, rng)
+    assert start >= own - 1.0, (start, own)
+    assert 0.8 < info["gain_converted"] < 1.25 and 0.8 < info["gain_residual"] < 1.25  # the units are right
+    assert g.num_gaussians == info["predicted_gaussians"] + info["residual_gaussians"]
+    # the slope-only conversion (the old one: no offset, no residual, one gain) starts far lower
+    old, gain = calibrate_intensities(slope_converted(fit, lo, hi), lambda x: project(x), data.projections)
+    assert psnr(render_volume(old, shape)[0], mu, rng) < own - 4.0 and gain > 2.0
+    assert math.isfinite(start)
+
+
+def test_3dgr_init_follows_create_from_fbp(small_real_ct):
+    from medgmae_core.recon.initialisation import init_3dgr
+
+    hu, _ = load_ct_volume(small_real_ct, crop="0:120,0:100,0:30", downsample=2)
+    mu = torch.from_numpy(hu_to_mu(hu)).float()  # [60, 50, 15] at 6 mm
+    extent = [(n - 1) * 6.0 for n in mu.shape]
+    g = init_3dgr(mu, extent, num_samples=2000)
+    low = mu[::2, ::2, ::2]
+    total = low.numel()
+    assert g.num_gaussians == min(2000, total - int(0.15 * total))
+    # centres on the half-resolution grid (every second full-resolution voxel)
+    ijk_full = g.centres[0].double() * (torch.tensor(mu.shape, dtype=torch.float64) - 1)
+    assert torch.allclose(ijk_full, 2 * torch.round(ijk_full / 2), atol=1e-3)
+    ijk = torch.round(ijk_full / 2).long()
+    # intensity = level * (0.25 * FBP / level + 0.001) where above the absolute threshold, else 0.001 * level
+    level = float(torch.quantile(mu.flatten(), 0.999))
+    f = (low / level)[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+    f = torch.where(f < 0.05, torch.zeros_like(f), f)
+    assert torch.allclose(g.intensities[0].double(), (0.25 * f.double() + 0.001) * level, rtol=1e-4)
+    # isotropic in normalised units, 0.15 / (sampled voxels in the 5^3 window), so between 0.15/125 and 0.15
+    s = g.scales[0]
+    assert torch.allclose(s, s[:, :1].expand_as(s)) and float(s.max()) <= 0.15 + 1e-6
+    assert float(s.min()) >= 0.15 / 125 - 1e-7
+    counts = torch.round(0.15 / s[:, 0].double())
+    occupied = torch.zeros(low.shape)
+    occupied[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1
+    i, j, k = (int(x) for x in ijk[0])
+    box = occupied[max(i - 2, 0):i + 3, max(j - 2, 0):j + 3, max(k - 2, 0):k + 3]
+    assert float(counts[0]) == float(box.sum())
+    # the top 15% by gradient are skipped: the sampled voxels' gradients are all below that quantile
+    z = low / level
+    z = torch.where(z < 0.05, torch.zeros_like(z), z)
+    c = z[1:-1, 1:-1, 1:-1]
+    grad = torch.zeros_like(z)
+    grad[1:-1, 1:-1, 1:-1] = ((c - z[1:-1, 1:-1, 2:]) ** 2 + (c - z[1:-1, 2:, 1:-1]) ** 2
+                              + (c - z[2:, 1:-1, 1:-1]) ** 2).sqrt()
+    top = torch.sort(grad.flatten(), descending=True).values[int(0.15 * total) - 1]
+    assert float(grad[ijk[:, 0], ijk[:, 1], ijk[:, 2]].max()) <= float(top) + 1e-7

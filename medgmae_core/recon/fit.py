@@ -17,7 +17,10 @@ units), plus an optional total variation ``tv_weight * TV`` of a random
 sub-volume rendered with ``render_volume`` (TV divided by ``max_intensity``).
 
 Optimiser: Adam with one group per parameter: xyz 2e-3 decaying exponentially
-to 2e-6 over the run, intensity 0.05, scale 5e-3, rotation 1e-3 (3DGR-CT).
+to 2e-6 over a fixed horizon of ``lr_horizon`` iterations (default 30,000, as
+3DGR-CT's ``position_lr_max_steps``; not tied to ``iters``, so a short run keeps
+a useful position learning rate and a resumed or extended run follows the same
+schedule), intensity 0.05, scale 5e-3, rotation 1e-3 (3DGR-CT).
 
 Densify and prune every ``densify_every`` iterations (between
 ``densify_from`` and ``densify_until``): the mean position-gradient norm of
@@ -62,6 +65,7 @@ class FitConfig:
     lr_intensity: float = 0.05
     lr_scale: float = 5e-3
     lr_rotation: float = 1e-3
+    lr_horizon: int = 30_000               # xyz lr reaches lr_xyz_final here (3DGR-CT: 30k), whatever iters is
     views_per_iter: int | None = None      # random subset of views per iteration; None = all
     densify_every: int = 100
     densify_from: int = 100
@@ -84,6 +88,8 @@ class FitConfig:
         for name in ("lr_xyz", "lr_xyz_final", "lr_intensity", "lr_scale", "lr_rotation"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr_horizon < 1:
+            raise ValueError(f"lr_horizon must be >= 1, got {self.lr_horizon}")
         if self.views_per_iter is not None and self.views_per_iter < 1:
             raise ValueError(f"views_per_iter must be >= 1 or None, got {self.views_per_iter}")
         if self.densify_every < 1 or self.eval_every < 1:
@@ -400,7 +406,8 @@ class ReconstructionFit:
     def step(self, iteration: int) -> float:
         """One optimisation step at (0-based) ``iteration``."""
         cfg = self.config
-        self.optimizer.param_groups[0]["lr"] = xyz_learning_rate(iteration, cfg.iters, cfg.lr_xyz, cfg.lr_xyz_final)
+        self.optimizer.param_groups[0]["lr"] = xyz_learning_rate(iteration, cfg.lr_horizon, cfg.lr_xyz,
+                                                                 cfg.lr_xyz_final)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss()
         loss.backward()

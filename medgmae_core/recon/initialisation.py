@@ -1,36 +1,66 @@
-"""Initial Gaussians for 3DGR-CT: ``random``, ``fbp`` (the 3DGR-CT heuristic), ``medgmae`` / ``medgmae*``.
+"""Initial Gaussians for 3DGR-CT: ``random``, ``3dgr``, ``fbp``, ``medgmae`` / ``medgmae*`` (and the oracle).
 
 Every initialiser returns one GaussianSet ``[1, k, ...]`` in the reconstruction
 volume's normalised coordinates, with intensities in the reconstruction's units
 (attenuation, rendered with the paper convention, c = 1). Their overall
-intensity level is then matched to the measured projections by
-:func:`calibrate_intensities` (one least-squares gain in the projection domain,
-the quantity the fit itself minimises), so every initialisation starts from
-the right mass and differs only in *where* and *how shaped* its Gaussians are.
+intensity level is then matched to the measured projections by least squares in
+the projection domain (the quantity the fit itself minimises):
+:func:`calibrate_intensities` (one gain) for ``random``, ``3dgr`` and ``fbp``;
+:func:`joint_gains` (one gain per Gaussian set, solved jointly) for the
+zero-shot sets. :func:`initialise_calibrated` does both steps.
 
 * ``random``: centres uniform in the volume, isotropic scales (in mm) from the
   mean distance to the 3 nearest neighbours, equal intensities.
-* ``fbp`` (3DGR-CT): threshold the FBP at ``threshold`` x its 99.9th
-  percentile, sample voxels above it without replacement with probability
-  proportional to the gradient magnitude (plus ``uniform_weight`` x its mean, so
-  flat regions are not empty), jitter within the voxel, isotropic scales from
-  the 3-nearest-neighbour distance (local density), intensity = FBP value.
-* ``medgmae``: the FBP is expressed in HU (``mu_water``; percentiles when the
-  units are unknown), HU-windowed to [0, 1] like the model's training data,
-  resampled to the model's 1.5 mm grid (corner-aligned: normalised coordinates
-  are unchanged), cut into overlapping model-size windows and predicted per
-  window by ``medgmae_core.inference.predict_volume`` (merged into whole-volume
-  coordinates without double counting). The
-  prediction lives in windowed units rendered with the model's convention
-  (amplitude c_model); it is converted to attenuation by
-  ``I_recon = I_model * c_model * (mu_hi - mu_lo)`` with ``mu_lo, mu_hi`` the
-  attenuation at the window's ends (the window's slope), before the common
-  projection-domain gain corrects what a pure scaling cannot carry (the window's
-  offset and clipping).
+* ``3dgr``: 3DGR-CT's own ``create_from_fbp``, as its code does it
+  (:func:`init_3dgr`): a half-resolution FBP (every second voxel), voxels below
+  an absolute threshold (0.05) zeroed, all voxels of that grid ranked by
+  gradient magnitude (forward differences), the top 15% of D*H*W skipped and the
+  next 50k taken; isotropic scale ``0.15 / n`` (normalised units) with ``n`` the
+  sampled voxels in the 5^3 window around it (itself included); intensity
+  ``0.25 * FBP + 0.001``. 3DGR-CT's images are roughly in [0, 1]; ours are in
+  1/mm, so the FBP is first divided by its 99.9th percentile (the threshold and
+  the +0.001 are in those units) and intensities multiplied back. Differences
+  from its code: centres at the sampled voxels' true positions (its code divides
+  the low-resolution index by D, not D - 1, shifting them by up to one voxel)
+  and the common projection-domain gain afterwards.
+* ``fbp`` (this repository's heuristic, kept beside ``3dgr`` for comparison):
+  threshold the FBP at ``threshold`` x its 99.9th percentile, sample voxels
+  above it without replacement with probability proportional to the gradient
+  magnitude (plus ``uniform_weight`` x its mean, so flat regions are not empty),
+  jitter within the voxel, isotropic scales (in mm) from the 3-nearest-neighbour
+  distance, intensity = FBP value.
+* ``medgmae`` / ``medgmae*`` (zero-shot): the FBP is expressed in HU
+  (``mu_water``; percentiles when the units are unknown), HU-windowed to
+  [0, 1] like the model's training data, resampled to the model's 1.5 mm grid
+  (corner-aligned: normalised coordinates are unchanged), cut into overlapping
+  model-size windows and predicted per window by
+  ``medgmae_core.inference.predict_volume`` (merged without double counting):
+  :func:`predict_medgmae`. The prediction renders the *windowed* volume v, and
+  attenuation is affine in it inside the window, ``mu = mu_lo + (mu_hi - mu_lo) v``.
+  :func:`convert_prediction` represents both parts explicitly:
+
+  - the **converted set**: the prediction with intensities
+    ``I * c_model * (mu_hi - mu_lo)`` (the window's slope);
+  - a **residual set** for what the prediction does not model: the offset
+    ``mu_lo`` everywhere the window is open (the FBP inside the window), and the
+    clipped content (air and lung below it, bone and contrast above it), where
+    the target is ``FBP - render(converted)``. Inside the window the residual
+    target is the constant ``mu_lo``, not the FBP, so the soft-tissue detail
+    comes from the prediction alone. The residual set starts from the ``fbp``
+    heuristic on that target and is fitted to it in the image domain
+    (``residual_fit_iters`` Adam steps of :func:`fit_to_volume`).
+
+  The two gains are then solved jointly by least squares in the projection
+  domain (:func:`joint_gains`). With a perfect prediction both are ~1.
+* ``oracle`` (benchmarks and tests): a direct image-domain Gaussian fit to the
+  *windowed ground truth* (what a perfect model would predict), pushed through
+  the same :func:`convert_prediction`.
 """
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,7 +70,7 @@ from ..gaussians import GaussianSet
 
 log = logging.getLogger(__name__)
 
-INIT_METHODS = ("random", "fbp", "medgmae", "medgmae*")
+INIT_METHODS = ("random", "3dgr", "fbp", "medgmae", "medgmae*")
 KNN = 3
 
 
@@ -132,6 +162,54 @@ def init_fbp(fbp_volume: torch.Tensor, extent_mm: Sequence[float], num_gaussians
     return _isotropic_set(centres, knn_scales(centres, e), np.maximum(intens, 1e-3 * top))
 
 
+THREEDGR_DEFAULTS = {"num_samples": 50_000, "air_threshold": 0.05, "start": 0.15, "ini_sigma": 0.15,
+                     "ini_intensity": 0.25, "neighbourhood": 5}
+
+
+def init_3dgr(fbp_volume: torch.Tensor, extent_mm: Sequence[float], *, num_samples: int = 50_000,
+              air_threshold: float = 0.05, start: float = 0.15, ini_sigma: float = 0.15,
+              ini_intensity: float = 0.25, neighbourhood: int = 5, level: float | None = None) -> GaussianSet:
+    """3DGR-CT's ``create_from_fbp`` (see the module doc). ``fbp_volume`` is ``[D, H, W]`` (full resolution;
+    the half-resolution grid is taken here). ``level``: the FBP value that maps to 1 in 3DGR-CT's units
+    (default its 99.9th percentile). ``num_samples`` is capped at what the grid holds after the skipped 15%."""
+    vol = torch.as_tensor(fbp_volume).detach().double().cpu()
+    if vol.dim() != 3:
+        raise ValueError(f"fbp_volume must be [D, H, W], got shape {list(vol.shape)}")
+    _extent(extent_mm)
+    if not 0 <= start < 1:
+        raise ValueError(f"start must be in [0, 1), got {start}")
+    if level is None:
+        level = float(torch.quantile(vol.flatten()[:: max(1, vol.numel() // 1_000_000)], 0.999))
+    if not level > 0:
+        raise ValueError("the FBP has no positive values: nothing to initialise from (check the projections' sign)")
+    low = (vol / level)[::2, ::2, ::2].clone()  # half resolution: every second voxel, as 3DGR-CT
+    low[low < air_threshold] = 0
+    shape = tuple(low.shape)
+    if min(shape) < 3:
+        raise ValueError(f"the half-resolution FBP {list(shape)} is too small for 3DGR-CT's initialisation")
+    core = low[1:-1, 1:-1, 1:-1]
+    grad = torch.zeros_like(low)
+    grad[1:-1, 1:-1, 1:-1] = torch.sqrt((core - low[1:-1, 1:-1, 2:]) ** 2 + (core - low[1:-1, 2:, 1:-1]) ** 2
+                                        + (core - low[2:, 1:-1, 1:-1]) ** 2)
+    total = low.numel()
+    skip = int(start * total)
+    take = min(_check_count(num_samples), total - skip)
+    if take < 1:
+        raise ValueError(f"nothing left to sample: the grid has {total} voxels and {skip} are skipped")
+    order = torch.topk(grad.flatten(), skip + take).indices[skip:]
+    ijk = torch.stack(torch.unravel_index(order, shape), -1)  # [take, 3] half-resolution indices
+    occupied = torch.zeros(shape, dtype=torch.float64)
+    occupied[ijk[:, 0], ijk[:, 1], ijk[:, 2]] = 1.0
+    kernel = torch.ones(1, 1, neighbourhood, neighbourhood, neighbourhood, dtype=torch.float64)
+    counts = torch.nn.functional.conv3d(occupied[None, None], kernel, padding=neighbourhood // 2)[0, 0]
+    n_near = counts[ijk[:, 0], ijk[:, 1], ijk[:, 2]].clamp_min(1)
+    sigma = (ini_sigma / n_near).numpy()
+    intens = (ini_intensity * low[ijk[:, 0], ijk[:, 1], ijk[:, 2]] + 0.001).numpy() * level
+    full = np.asarray(vol.shape, dtype=np.float64)
+    centres = np.clip(2.0 * ijk.numpy().astype(np.float64) / (full - 1), 0, 1)  # low voxel i = full voxel 2i
+    return _isotropic_set(centres, np.repeat(sigma[:, None], 3, 1), intens)
+
+
 def fbp_to_window(fbp_volume: torch.Tensor, mu_water: float | None,
                   window: tuple[float, float] | None = None) -> tuple[torch.Tensor, float, float]:
     """The FBP as the model's input: HU-windowed to [0, 1].
@@ -176,23 +254,8 @@ def model_grid_shape(shape: Sequence[int], spacing_mm: Sequence[float], model_sp
     return tuple(max(2, int(round((n - 1) * s / model_spacing_mm)) + 1) for n, s in zip(shape, spacing_mm))
 
 
-def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoint, *, mu_water: float | None,
-                 overlap: int | None = None, model_spacing_mm: float | None = 1.5, device: str = "cpu",
-                 expect_star: bool | None = None) -> GaussianSet:
-    """Zero-shot MedGMAE initialisation (see the module doc).
-
-    ``checkpoint``: a path for ``medgmae_core.train.checkpoint.load_model`` or an
-    already loaded ``(model, config)`` pair. The windowed FBP is resampled
-    (corner-aligned, so normalised coordinates do not change) to
-    ``model_spacing_mm`` (the pre-training spacing; None keeps the FBP's grid),
-    then predicted in overlapping ``config.img_size`` windows (``overlap`` voxels,
-    default a quarter window) and merged by ``inference.predict_volume``.
-    Gaussians centred outside the volume (windows padded past its edge) are dropped.
-    ``expect_star`` checks the checkpoint's kind (True for ``medgmae*``).
-    """
-    from ..inference import predict_volume
-    from ..render.conventions import get_convention
-
+def load_checkpoint_model(checkpoint, device: str = "cpu", expect_star: bool | None = None):
+    """``(model, config)`` from a path or an already loaded pair, checking the checkpoint's kind."""
     if isinstance(checkpoint, (tuple, list)):
         model, config = checkpoint
     else:
@@ -206,6 +269,24 @@ def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoi
         want = "a MedGMAE* (objective gaussian_star)" if expect_star else "a MedGMAE (objective gaussian)"
         raise ValueError(f"--init {'medgmae*' if expect_star else 'medgmae'} needs {want} checkpoint, "
                          f"got objective {objective!r}")
+    return model, config
+
+
+def predict_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoint, *, mu_water: float | None,
+                    overlap: int | None = None, model_spacing_mm: float | None = 1.5, device: str = "cpu",
+                    expect_star: bool | None = None) -> tuple[GaussianSet, float, float]:
+    """The model's zero-shot prediction for the FBP: ``(gaussians, mu_lo, mu_hi)``.
+
+    The Gaussians are in whole-volume normalised coordinates with intensities in
+    *windowed* units for the paper convention (the model's amplitude c_model
+    folded in), so ``render_volume(gaussians, shape)`` approximates the windowed
+    FBP ``(mu - mu_lo) / (mu_hi - mu_lo)`` clipped to [0, 1]. See :func:`init_medgmae`
+    for the windows and resampling.
+    """
+    from ..inference import predict_volume
+    from ..render.conventions import get_convention
+
+    model, config = load_checkpoint_model(checkpoint, device, expect_star)
     vol = torch.as_tensor(fbp_volume).detach().float().cpu()
     windowed, mu_lo, mu_hi = fbp_to_window(vol, mu_water)
     grid = model_grid_shape(vol.shape, spacing_mm, model_spacing_mm)
@@ -218,10 +299,108 @@ def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoi
     if pred.num_gaussians == 0:
         raise ValueError("the model predicted no Gaussians inside the volume (is the checkpoint trained?)")
     amplitude = get_convention(getattr(config, "render_convention", "paper")).amplitude
-    scale = amplitude * (mu_hi - mu_lo)
-    log.info("medgmae init: %d Gaussians from %s windows on a %s grid; intensity x %.4g", pred.num_gaussians,
-             window, grid, scale)
-    return GaussianSet(pred.centres, pred.scales, pred.quaternions, pred.intensities.clamp_min(1e-8) * scale)
+    log.info("medgmae prediction: %d Gaussians from %s windows on a %s grid", pred.num_gaussians, window, grid)
+    return (GaussianSet(pred.centres, pred.scales, pred.quaternions, pred.intensities.clamp_min(1e-8) * amplitude),
+            mu_lo, mu_hi)
+
+
+def init_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], checkpoint, *, mu_water: float | None,
+                 overlap: int | None = None, model_spacing_mm: float | None = 1.5, device: str = "cpu",
+                 expect_star: bool | None = None) -> GaussianSet:
+    """The zero-shot prediction converted by the window's slope (the *converted set*; see the module doc).
+
+    ``checkpoint``: a path for ``medgmae_core.train.checkpoint.load_model`` or an
+    already loaded ``(model, config)`` pair. The windowed FBP is resampled
+    (corner-aligned, so normalised coordinates do not change) to
+    ``model_spacing_mm`` (the pre-training spacing; None keeps the FBP's grid),
+    then predicted in overlapping ``config.img_size`` windows (``overlap`` voxels,
+    default a quarter window) and merged by ``inference.predict_volume``.
+    Gaussians centred outside the volume (windows padded past its edge) are dropped.
+    ``expect_star`` checks the checkpoint's kind (True for ``medgmae*``).
+    This alone lacks the window's offset and clipped content: use
+    :func:`convert_prediction` (or :func:`initialise_calibrated`) for the full conversion.
+    """
+    pred, mu_lo, mu_hi = predict_medgmae(fbp_volume, spacing_mm, checkpoint, mu_water=mu_water, overlap=overlap,
+                                         model_spacing_mm=model_spacing_mm, device=device, expect_star=expect_star)
+    return slope_converted(pred, mu_lo, mu_hi)
+
+
+def slope_converted(pred_windowed: GaussianSet, mu_lo: float, mu_hi: float) -> GaussianSet:
+    """Windowed-unit Gaussians -> attenuation by the window's slope ``mu_hi - mu_lo`` (no offset)."""
+    if not mu_hi > mu_lo:
+        raise ValueError(f"the window's ends must satisfy mu_hi > mu_lo, got {mu_lo}, {mu_hi}")
+    p = pred_windowed
+    return GaussianSet(p.centres, p.scales, p.quaternions, p.intensities * (mu_hi - mu_lo))
+
+
+def residual_target(converted: GaussianSet, fbp_volume: torch.Tensor, mu_lo: float, mu_hi: float,
+                    render=None) -> torch.Tensor:
+    """What the converted prediction does not model, ``[D, H, W]`` (>= 0): the offset ``mu_lo`` where the FBP is
+    inside the window, ``FBP - render(converted)`` where the window clips it (below: air, lung; above: bone,
+    contrast)."""
+    if render is None:
+        from ..render import render_volume as render
+    fbp = torch.as_tensor(fbp_volume).detach().float().cpu()
+    with torch.no_grad():
+        rendered = render(converted.detach().to(torch.float32), tuple(fbp.shape))[0].cpu()
+    w = (fbp - mu_lo) / (mu_hi - mu_lo)
+    inside = (w > 0) & (w < 1)
+    return torch.where(inside, torch.full_like(fbp, float(mu_lo)), fbp - rendered).clamp_min(0.0)
+
+
+class VolumeRenderer:
+    """A ``Projector`` for image-domain fits: ``render_volume`` of the whole grid (``views`` is ignored)."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(int(n) for n in shape)
+
+    def __call__(self, gaussians: GaussianSet, views=None) -> torch.Tensor:
+        from ..render import render_volume
+
+        return render_volume(gaussians, self.shape)
+
+
+def fit_to_volume(target: torch.Tensor, gaussians: GaussianSet, iters: int, *, densify: bool = False,
+                  seed: int = 0, max_intensity: float | None = None, **config) -> GaussianSet:
+    """Fit ``gaussians`` to a volume ``target [D, H, W]`` in the image domain (the 3DGR-CT loop with the renderer in
+    place of the projector: Adam, 3DGR-CT learning rates, optional densify/prune), after one least-squares
+    intensity gain. Returns the fitted set."""
+    from .fit import FitConfig, GaussianParams, ReconstructionFit
+
+    target = torch.as_tensor(target).detach().float()
+    if int(iters) < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    renderer = VolumeRenderer(target.shape)
+    gaussians, _ = calibrate_intensities(gaussians.detach().to(torch.float32), renderer, target)  # mass first
+    if max_intensity is None:
+        top = float(torch.quantile(target.flatten()[:: max(1, target.numel() // 1_000_000)], 0.999))
+        max_intensity = max(2.0 * top, 1.01 * float(gaussians.intensities.max()), 1e-12)
+    defaults = {"eval_every": max(1, int(iters)), "seed": seed}
+    if not densify:
+        defaults.update(densify_from=int(iters) + 1, densify_every=max(1, int(iters)))
+    cfg = FitConfig(iters=int(iters), **{**defaults, **config})
+    params = GaussianParams.from_gaussians(gaussians.detach().to(torch.float32), max_intensity)
+    fit = ReconstructionFit(params, target[None], renderer, tuple(target.shape), cfg)
+    return fit.run().gaussians()
+
+
+def convert_prediction(pred_windowed: GaussianSet, fbp_volume: torch.Tensor, mu_lo: float, mu_hi: float,
+                       extent_mm: Sequence[float], *, residual_gaussians: int = 4000, residual_fit_iters: int = 100,
+                       seed: int = 0) -> dict:
+    """The zero-shot conversion (module doc): ``{"converted", "residual", "residual_target"}``.
+
+    ``pred_windowed``: a prediction of the windowed volume in whole-volume coordinates (paper convention);
+    ``residual_gaussians`` Gaussians start from the ``fbp`` heuristic on :func:`residual_target` and are fitted to
+    it for ``residual_fit_iters`` image-domain steps. Combine the two with :func:`joint_gains`.
+    """
+    converted = slope_converted(pred_windowed.detach().to(torch.float32), mu_lo, mu_hi)
+    target = residual_target(converted, fbp_volume, mu_lo, mu_hi)
+    if not float(target.max()) > 0:
+        return {"converted": converted, "residual": None, "residual_target": target}
+    residual = init_fbp(target, extent_mm, residual_gaussians, uniform_weight=1.0, seed=seed)
+    if residual_fit_iters > 0:
+        residual = fit_to_volume(target, residual, residual_fit_iters, seed=seed)
+    return {"converted": converted, "residual": residual, "residual_target": target}
 
 
 # ------------------------------------------------------------- calibration
@@ -241,24 +420,134 @@ def calibrate_intensities(gaussians: GaussianSet, project: Callable[[GaussianSet
     return GaussianSet(gaussians.centres, gaussians.scales, gaussians.quaternions, gaussians.intensities * gain), gain
 
 
-def initialise(method: str, *, fbp_volume: torch.Tensor, extent_mm: Sequence[float], num_gaussians: int,
+@torch.no_grad()
+def joint_gains(sets: Sequence[GaussianSet | None], project: Callable[[GaussianSet], torch.Tensor],
+                measured: torch.Tensor) -> tuple[GaussianSet, list[float]]:
+    """One intensity gain per set, solved jointly: ``min || sum_i g_i P(set_i) - m ||^2`` with ``g_i >= 0``
+    (exact non-negative least squares over the few sets: the best unconstrained solution on every subset).
+    Returns the merged, scaled set (sets with gain 0 dropped) and the gains (0 for a missing set)."""
+    present = [i for i, g in enumerate(sets) if g is not None and g.num_gaussians > 0]
+    if not present:
+        raise ValueError("no Gaussians to calibrate")
+    cols = [project(sets[i]).reshape(-1).double() for i in present]
+    m = measured.reshape(-1).to(cols[0])
+    a = torch.stack(cols, 1)  # [n_pixels, n_sets]
+    gram, rhs = a.T @ a, a.T @ m
+    best, best_err = None, math.inf
+    n = len(present)
+    for mask in range(1, 1 << n):
+        idx = [j for j in range(n) if mask >> j & 1]
+        sub = gram[idx][:, idx]
+        if float(torch.linalg.det(sub)) <= 1e-30 * float(sub.diagonal().prod()):
+            continue
+        sol = torch.linalg.solve(sub, rhs[idx])
+        if bool((sol <= 0).any()):
+            continue
+        full = torch.zeros(n, dtype=torch.float64)
+        full[idx] = sol.cpu()
+        err = float(((a @ full.to(a) - m) ** 2).sum())
+        if err < best_err:
+            best, best_err = full, err
+    if best is None:
+        raise ValueError("the initial Gaussians project to zero or against the measurements: no positive gain fits")
+    gains = [0.0] * len(sets)
+    parts = []
+    for j, i in enumerate(present):
+        gains[i] = float(best[j])
+        if gains[i] > 0:
+            g = sets[i]
+            parts.append(GaussianSet(g.centres, g.scales, g.quaternions, g.intensities * gains[i]))
+    return GaussianSet.cat(parts), gains
+
+
+DEFAULT_COUNTS = {"random": 4000, "fbp": 4000, "3dgr": THREEDGR_DEFAULTS["num_samples"]}
+DEFAULT_RESIDUAL_GAUSSIANS = 4000
+DEFAULT_RESIDUAL_FIT_ITERS = 100
+
+
+def default_count(method: str, num_gaussians: int | None) -> int:
+    """``num_gaussians``, or the method's default (3DGR-CT: 50k; random/fbp and the zero-shot residual: 4000)."""
+    if num_gaussians is not None:
+        return _check_count(num_gaussians)
+    return DEFAULT_COUNTS.get(method.lower(), DEFAULT_RESIDUAL_GAUSSIANS)
+
+
+def _zero_shot_sets(method: str, *, fbp_volume, extent_mm, num_gaussians, checkpoint, mu_water, seed, overlap,
+                    model_spacing_mm, device, prediction, residual_fit_iters) -> tuple[dict, dict]:
+    if prediction is not None:
+        pred, mu_lo, mu_hi = prediction
+    else:
+        if checkpoint is None:
+            raise ValueError(f"--init {method} needs a model checkpoint (--checkpoint PATH)")
+        spacing = _extent(extent_mm) / (np.asarray(fbp_volume.shape[-3:]) - 1)
+        pred, mu_lo, mu_hi = predict_medgmae(fbp_volume, tuple(spacing), checkpoint, mu_water=mu_water,
+                                             overlap=overlap, model_spacing_mm=model_spacing_mm, device=device,
+                                             expect_star=(method == "medgmae*"))
+    parts = convert_prediction(pred, fbp_volume, mu_lo, mu_hi, extent_mm, residual_gaussians=num_gaussians,
+                               residual_fit_iters=residual_fit_iters, seed=seed)
+    info = {"mu_lo": mu_lo, "mu_hi": mu_hi, "predicted_gaussians": parts["converted"].num_gaussians,
+            "residual_gaussians": parts["residual"].num_gaussians if parts["residual"] is not None else 0,
+            "residual_fit_iters": residual_fit_iters}
+    return parts, info
+
+
+def initialise(method: str, *, fbp_volume: torch.Tensor, extent_mm: Sequence[float], num_gaussians: int | None = None,
                checkpoint=None, mu_water: float | None = None, seed: int = 0, overlap: int | None = None,
-               model_spacing_mm: float | None = 1.5, device: str = "cpu") -> GaussianSet:
-    """Dispatch on ``method`` in :data:`INIT_METHODS` (before calibration)."""
+               model_spacing_mm: float | None = 1.5, device: str = "cpu", prediction=None,
+               residual_fit_iters: int = DEFAULT_RESIDUAL_FIT_ITERS) -> GaussianSet:
+    """Dispatch on ``method`` in :data:`INIT_METHODS` (before calibration; prefer :func:`initialise_calibrated`).
+    For ``medgmae``/``medgmae*`` (or ``prediction=(windowed set, mu_lo, mu_hi)``, e.g. the oracle) this is the
+    converted set plus the residual set with unit gains; ``num_gaussians`` is the residual set's size."""
     method = method.lower()
-    if method not in INIT_METHODS:
+    if method not in INIT_METHODS and not (method == "oracle" and prediction is not None):
         raise ValueError(f"--init must be one of {INIT_METHODS}, got {method!r}")
+    k = default_count(method, num_gaussians)
     if method == "random":
-        return init_random(num_gaussians, extent_mm, seed=seed)
+        return init_random(k, extent_mm, seed=seed)
     if method == "fbp":
-        return init_fbp(fbp_volume, extent_mm, num_gaussians, seed=seed)
-    if checkpoint is None:
-        raise ValueError(f"--init {method} needs a model checkpoint (--checkpoint PATH)")
-    spacing = _extent(extent_mm) / (np.asarray(fbp_volume.shape[-3:]) - 1)
-    return init_medgmae(fbp_volume, tuple(spacing), checkpoint, mu_water=mu_water, overlap=overlap,
-                        model_spacing_mm=model_spacing_mm, device=device, expect_star=(method == "medgmae*"))
+        return init_fbp(fbp_volume, extent_mm, k, seed=seed)
+    if method == "3dgr":
+        return init_3dgr(fbp_volume, extent_mm, num_samples=k)
+    parts, _ = _zero_shot_sets(method, fbp_volume=fbp_volume, extent_mm=extent_mm, num_gaussians=k,
+                               checkpoint=checkpoint, mu_water=mu_water, seed=seed, overlap=overlap,
+                               model_spacing_mm=model_spacing_mm, device=device, prediction=prediction,
+                               residual_fit_iters=residual_fit_iters)
+    return GaussianSet.cat([g for g in (parts["converted"], parts["residual"]) if g is not None])
 
 
-__all__ = ["INIT_METHODS", "init_random", "init_fbp", "init_medgmae", "fbp_to_window", "calibrate_intensities",
-           "initialise", "knn_scales", "gradient_magnitude",
-           "resample_corner_aligned", "model_grid_shape"]
+def initialise_calibrated(method: str, *, fbp_volume: torch.Tensor, extent_mm: Sequence[float],
+                          project: Callable[[GaussianSet], torch.Tensor], measured: torch.Tensor,
+                          num_gaussians: int | None = None, checkpoint=None, mu_water: float | None = None,
+                          seed: int = 0, overlap: int | None = None, model_spacing_mm: float | None = 1.5,
+                          device: str = "cpu", prediction=None,
+                          residual_fit_iters: int = DEFAULT_RESIDUAL_FIT_ITERS) -> tuple[GaussianSet, dict]:
+    """The initial Gaussians matched to the measured projections, and what was done (``info``).
+
+    ``random``/``3dgr``/``fbp``: one least-squares gain. Zero-shot (``medgmae``, ``medgmae*``, or a given
+    ``prediction`` such as the oracle's): the converted and residual sets with joint gains (module doc)."""
+    method = method.lower()
+    t0 = time.perf_counter()
+    if method in ("random", "fbp", "3dgr"):
+        g = initialise(method, fbp_volume=fbp_volume, extent_mm=extent_mm, num_gaussians=num_gaussians, seed=seed)
+        g, gain = calibrate_intensities(g, project, measured)
+        return g, {"intensity_gain": gain, "initial_gaussians": g.num_gaussians,
+                   "init_seconds": time.perf_counter() - t0}
+    if method not in INIT_METHODS and not (method == "oracle" and prediction is not None):
+        raise ValueError(f"--init must be one of {INIT_METHODS}, got {method!r}")
+    parts, info = _zero_shot_sets(method, fbp_volume=fbp_volume, extent_mm=extent_mm,
+                                  num_gaussians=default_count(method, num_gaussians), checkpoint=checkpoint,
+                                  mu_water=mu_water, seed=seed, overlap=overlap, model_spacing_mm=model_spacing_mm,
+                                  device=device, prediction=prediction, residual_fit_iters=residual_fit_iters)
+    g, gains = joint_gains([parts["converted"], parts["residual"]], project, measured)
+    info.update(gain_converted=gains[0], gain_residual=gains[1], initial_gaussians=g.num_gaussians,
+                init_seconds=time.perf_counter() - t0)
+    log.info("zero-shot init: %d predicted + %d residual Gaussians, gains %.3g / %.3g", info["predicted_gaussians"],
+             info["residual_gaussians"], gains[0], gains[1])
+    return g, info
+
+
+__all__ = ["INIT_METHODS", "init_random", "init_fbp", "init_3dgr", "init_medgmae", "predict_medgmae",
+           "slope_converted", "residual_target", "convert_prediction", "fit_to_volume", "VolumeRenderer",
+           "joint_gains", "fbp_to_window", "calibrate_intensities", "initialise", "initialise_calibrated",
+           "default_count", "knn_scales", "gradient_magnitude", "resample_corner_aligned", "model_grid_shape",
+           "THREEDGR_DEFAULTS"]
