@@ -8,7 +8,10 @@ FBP/FDK -> initial Gaussians (``--init``) -> intensity calibration -> 3DGR-CT fi
 
 Outputs in ``--out``: ``reconstruction.nii.gz`` (attenuation, 1/mm, on the
 input's grid; plus ``reconstruction_hu.nii.gz`` when the units are known),
-``fbp.nii.gz``, ``gaussians.ply``, ``metrics.json``, ``reconstruction.png``
+``fbp.nii.gz``, ``gaussians.ply``, ``metrics.json`` (with progress against
+the analytic baseline: iterations and seconds to FDK, FDK + 2 dB, FDK + 4 dB,
+30 and 35 dB), ``comparison.png`` (FDK, Gaussians and, when known, the ground
+truth side by side, each PSNR in its title), ``reconstruction.png``
 (PSNR curve and slices side by side) and ``recon_checkpoint.pt`` (for
 ``--resume``). Progress goes to stdout as JSON lines with ``--progress-json``.
 """
@@ -25,9 +28,9 @@ import numpy as np
 import torch
 
 from .fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
-from .initialisation import INIT_METHODS, calibrate_intensities, initialise
+from .initialisation import INIT_METHODS, DEFAULT_RESIDUAL_FIT_ITERS, initialise_calibrated
 from .io import ProjectionData, is_data_exchange, load_projections, mu_to_hu, save_projections, simulate_from_ct
-from .metrics import psnr, ssim
+from .metrics import progress_against_baseline, psnr, ssim
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,14 @@ CHECKPOINT_NAME = "recon_checkpoint.pt"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PROJECTION_SUFFIXES = (".npz", ".h5", ".hdf5", ".hdf")
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_tiny.pt"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEMO_WEIGHTS = WEIGHTS_DIR / "demo_tiny.pt"  # the first bundled weights; see bundled_weights()
+
+
+def bundled_weights() -> Path | None:
+    """The bundled checkpoint: the newest ``medgmae_core/weights/*.pt`` (None when there is none)."""
+    found = sorted(WEIGHTS_DIR.glob("*.pt"), key=lambda p: (p.stat().st_mtime, p.name))
+    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------ pieces
@@ -93,9 +103,10 @@ def resolve_checkpoint(args) -> Path | None:
         if not path.exists():
             raise FileNotFoundError(f"--checkpoint not found: {path}")
         return path
-    if DEMO_WEIGHTS.exists():
-        return DEMO_WEIGHTS
-    raise ValueError(f"--init {args.init} needs --checkpoint PATH (no bundled demo weights at {DEMO_WEIGHTS})")
+    bundled = bundled_weights()
+    if bundled is not None:
+        return bundled
+    raise ValueError(f"--init {args.init} needs --checkpoint PATH (no bundled weights in {WEIGHTS_DIR})")
 
 
 # ---------------------------------------------------------------- outputs
@@ -136,6 +147,38 @@ def save_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tens
     return path
 
 
+def save_comparison(path: Path, *, analytic: torch.Tensor, gaussians: torch.Tensor, reference: torch.Tensor | None,
+                    analytic_name: str = "FDK", iterations: int = 0, data_range: float | None = None) -> Path:
+    """Side by side, on one grey scale: the analytic reconstruction, the Gaussian one and (when known) the ground
+    truth, each with its PSNR in the title. Two rows: the middle slice across the rotation axis and along it."""
+    from matplotlib.figure import Figure
+
+    vols = {analytic_name: analytic.detach().float().cpu(),
+            f"Gaussians ({iterations} it)": gaussians.detach().float().cpu()}
+    if reference is not None:
+        vols["ground truth"] = reference.detach().float().cpu()
+    ref = vols.get("ground truth", vols[analytic_name])
+    lo, hi = float(ref.min()), float(torch.quantile(ref.flatten()[:: max(1, ref.numel() // 1_000_000)], 0.999))
+    hi = hi if hi > lo else lo + 1
+    fig = Figure(figsize=(3.3 * len(vols), 6.6))
+    axes = fig.subplots(2, len(vols), squeeze=False)
+    for col, (name, vol) in enumerate(vols.items()):
+        title = name
+        if reference is not None and name != "ground truth":
+            title += f"\nPSNR {psnr(vol, vols['ground truth'], data_range):.2f} dB"
+        for row, img in enumerate((vol[:, :, vol.shape[2] // 2], vol[:, vol.shape[1] // 2, :])):
+            ax = axes[row, col]
+            ax.imshow(img.T.numpy(), cmap="gray", vmin=lo, vmax=hi, origin="lower")
+            ax.axis("off")
+            if row == 0:
+                ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path
+
+
 def mid_slice(volume: torch.Tensor) -> torch.Tensor:
     """The middle slice across the rotation axis (volume axis 2), ``[D, H]``."""
     return volume[:, :, volume.shape[2] // 2]
@@ -169,9 +212,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="medgmae init: resample the FBP to this spacing (mm) for the model; 0 = keep the grid")
     rec.add_argument("--overlap", type=int, default=None,
                      help="medgmae init: overlap of the model windows in voxels (default a quarter window)")
-    rec.add_argument("--num-gaussians", type=int, default=4000, help="initial count for --init random/fbp")
+    rec.add_argument("--num-gaussians", type=int, default=None,
+                     help="initial count: random/fbp (default 4000), 3dgr (default 50000, 3DGR-CT's), or the "
+                          "zero-shot residual set of medgmae/medgmae* (default 4000)")
+    rec.add_argument("--residual-fit-iters", type=int, default=DEFAULT_RESIDUAL_FIT_ITERS,
+                     help="medgmae init: image-domain steps fitting the residual set (offset + clipped content)")
     rec.add_argument("--filter", choices=FILTERS, default="ram-lak", help="FBP/FDK filter")
     rec.add_argument("--iters", type=int, default=300)
+    rec.add_argument("--lr-horizon", type=int, default=FitConfig.lr_horizon,
+                     help="iterations over which the xyz learning rate decays 2e-3 -> 2e-6 (3DGR-CT: 30000), "
+                          "independent of --iters")
     rec.add_argument("--views-per-iter", type=int, default=None, help="random views per iteration (default all)")
     rec.add_argument("--eval-every", type=int, default=25)
     rec.add_argument("--densify-every", type=int, default=100)
@@ -203,15 +253,17 @@ def prepare(args, data: ProjectionData, device: torch.device, resume_state: dict
         info.update(resume_state.get("extra", {}))
         return Prepared(fbp, GaussianParams.from_state_dict(resume_state["params"]), info)
     max_intensity = args.max_intensity or default_max_intensity(fbp)
-    t1 = time.perf_counter()
-    gaussians = initialise(args.init, fbp_volume=fbp, extent_mm=data.geometry.volume_extent_mm,
-                           num_gaussians=args.num_gaussians, checkpoint=resolve_checkpoint(args),
-                           mu_water=data.mu_water, seed=args.seed, overlap=args.overlap,
-                           model_spacing_mm=args.model_spacing or None, device=str(device)).to(device)
     project = GeometryProjector(data.geometry)
-    gaussians, gain = calibrate_intensities(gaussians, lambda g: project(g), data.projections.to(device))
-    info.update(init_seconds=time.perf_counter() - t1, intensity_gain=gain,
-                initial_gaussians=gaussians.num_gaussians)
+    checkpoint = resolve_checkpoint(args)
+    gaussians, init_info = initialise_calibrated(
+        args.init, fbp_volume=fbp, extent_mm=data.geometry.volume_extent_mm, project=lambda g: project(g.to(device)),
+        measured=data.projections.to(device), num_gaussians=args.num_gaussians, checkpoint=checkpoint,
+        mu_water=data.mu_water, seed=args.seed, overlap=args.overlap, model_spacing_mm=args.model_spacing or None,
+        device=str(device), residual_fit_iters=args.residual_fit_iters)
+    gaussians = gaussians.to(device)
+    info.update(init_info)
+    if checkpoint is not None:
+        info["checkpoint"] = str(checkpoint)
     return Prepared(fbp, GaussianParams.from_gaussians(gaussians, max_intensity), info)
 
 
@@ -219,7 +271,8 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    cfg = FitConfig(iters=args.iters, views_per_iter=args.views_per_iter, eval_every=args.eval_every,
+    cfg = FitConfig(iters=args.iters, lr_horizon=args.lr_horizon, views_per_iter=args.views_per_iter,
+                    eval_every=args.eval_every,
                     densify_every=args.densify_every, densify_from=args.densify_every,
                     grad_threshold=args.grad_threshold, max_gaussians=args.max_gaussians, tv_weight=args.tv,
                     checkpoint_every=args.checkpoint_every, seed=args.seed).validate()
@@ -302,6 +355,8 @@ def write_outputs(out: Path, args, data: ProjectionData, prep: Prepared, fit: Re
         metrics["data_range"] = float(ref.max() - ref.min())
         metrics["fbp_psnr"] = psnr(prep.fbp, ref, metrics["data_range"])
         metrics["fbp_ssim"] = ssim(prep.fbp, ref, metrics["data_range"])
+        metrics["psnr_over_fbp"] = metrics["psnr"] - metrics["fbp_psnr"]
+        metrics.update(progress_against_baseline(fit.result.history, metrics["fbp_psnr"]))
         slices["reference"] = mid_slice(ref)
     slices["FBP" if data.geometry.kind == "parallel" else "FDK"] = mid_slice(prep.fbp)
     if initial is not None:
@@ -309,6 +364,9 @@ def write_outputs(out: Path, args, data: ProjectionData, prep: Prepared, fit: Re
     slices[f"Gaussians ({fit.result.iterations} it)"] = mid_slice(final)
     title = f"{Path(str(args.input)).name}: {data.geometry.kind}, {data.geometry.n_views} views"
     save_figure(out / "reconstruction.png", history=fit.result.history, slices=slices, title=title)
+    save_comparison(out / "comparison.png", analytic=prep.fbp, gaussians=final, reference=data.reference,
+                    analytic_name="FBP" if data.geometry.kind == "parallel" else "FDK",
+                    iterations=fit.result.iterations, data_range=metrics.get("data_range"))
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(_plain(metrics), indent=2))
     tmp.replace(out / "metrics.json")

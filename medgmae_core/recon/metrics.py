@@ -104,4 +104,36 @@ def ssim(volume, reference, data_range: float | None = None, *, sigma: float = S
     return float((num / den).mean())
 
 
-__all__ = ["psnr", "ssim", "data_range_of", "gaussian_taps"]
+def first_reaching(history: list[dict], target: float) -> dict | None:
+    """The first evaluation in ``history`` (entries with ``iteration``, ``seconds``, ``psnr``) at or above
+    ``target`` dB: ``{"iteration", "seconds"}``, or None if never reached."""
+    for h in history:
+        value = h.get("psnr")
+        if value is not None and value >= target:
+            return {"iteration": h["iteration"], "seconds": h.get("seconds")}
+    return None
+
+
+def progress_against_baseline(history: list[dict], baseline_psnr: float | None,
+                              absolute: tuple[float, ...] = (30.0, 35.0),
+                              margins: tuple[float, ...] = (0.0, 2.0, 4.0)) -> dict:
+    """Iterations and fit seconds to reach the analytic baseline (FBP/FDK) + each margin, and each absolute PSNR.
+
+    Keys: ``iterations_to_fdk``, ``seconds_to_fdk``, ``iterations_to_fdk_plus2`` ... (``None`` when not reached
+    within the run; resolution: the evaluation interval) and ``iterations_to_psnr30`` ... ."""
+    out: dict = {}
+    if baseline_psnr is not None and math.isfinite(baseline_psnr):
+        for m in margins:
+            name = "fdk" if m == 0 else f"fdk_plus{m:g}"
+            hit = first_reaching(history, baseline_psnr + m)
+            out[f"target_{name}_psnr"] = baseline_psnr + m
+            out[f"iterations_to_{name}"] = hit["iteration"] if hit else None
+            out[f"seconds_to_{name}"] = hit["seconds"] if hit else None
+    for t in absolute:
+        hit = first_reaching(history, t)
+        out[f"iterations_to_psnr{t:g}"] = hit["iteration"] if hit else None
+        out[f"seconds_to_psnr{t:g}"] = hit["seconds"] if hit else None
+    return out
+
+
+__all__ = ["psnr", "ssim", "data_range_of", "gaussian_taps", "first_reaching", "progress_against_baseline"]
