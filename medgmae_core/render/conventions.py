@@ -13,13 +13,14 @@ class Convention:
     name: str
     amplitude: float        # c in V(x) = sum c * I * exp(-0.5 d^T P d)
     conjugate_rotation: bool  # release builds the precision from R^T (conjugated quaternion)
-    release_box: bool       # release: axis-aligned box |d_a| <= 2 s_a from unrotated scales, no ellipsoid test
+    release_box: bool       # release: its kernel's axis-aligned voxel box from the unrotated scales, no ellipsoid
+                            # test: trunc(mu*N -+ 2*s*N) per axis in float32 (geometry.release_boxes)
 
 
 PAPER = Convention("paper", amplitude=1.0, conjugate_rotation=False, release_box=False)
 RELEASE = Convention("release", amplitude=0.1, conjugate_rotation=True, release_box=True)
 CONVENTIONS = {c.name: c for c in (PAPER, RELEASE)}
-RELEASE_BOX_HALF_WIDTH = 2.0  # in units of the unrotated scale
+RELEASE_BOX_HALF_WIDTH = 2.0  # the release kernel's "coeff": box half-width 2*s*N voxels from the unrotated scale
 
 
 def get_convention(convention: str | Convention) -> Convention:
