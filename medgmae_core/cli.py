@@ -3,6 +3,13 @@
 Each subcommand lives in its own module, which defines
 ``add_arguments(parser)`` and ``main(args) -> int``; modules are imported only
 when their command runs, so ``medgmae --help`` stays fast.
+
+Errors are handled here, once, for every command (:func:`run_command`): a user error (``errors.UserError``,
+``ValueError``, ``FileNotFoundError``, file-system errors such as a full disk or a read-only folder, running out
+of memory) prints one line ``medgmae COMMAND: error: ...`` naming the file or parameter, emits the JSON ``error``
+event when ``--progress-json`` is on, removes the command's temporary files (``errors.cleanup_command``) and
+exits with code 2. Anything else is a bug: the ``error`` event is still emitted, then the traceback. Every
+command also gets ``--progress-json`` and, when it reads CTs, ``--resample-dicom``.
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,11 +28,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("medgmae_core.seg.evaluate", "Dice and HD95 of label maps against references"),
     "reconstruct": ("medgmae_core.recon.cli", "3DGR-CT Gaussian reconstruction from projections"),
     "render": ("medgmae_core.render.cli", "render a Gaussian PLY to a NIfTI volume (and a PNG overview)"),
+    "fit": ("medgmae_core.commands.fit", "fit Gaussians straight to a CT (or one window) with the renderer"),
 }
 
 
 class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+    """A user-facing error: printed as one line, exit code 2 (kept for compatibility; see ``errors.UserError``)."""
+
+
+# commands that read CT images: they get ``--resample-dicom`` (the one DICOM reader in ``data.readers`` uses it)
+READS_CT = ("demo", "pretrain", "finetune", "segment", "reconstruct", "render")
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> argparse.Action | None:
+    return next((a for a in parser._actions if option in a.option_strings), None)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Options every command shares, added when its module does not define them itself."""
+    action = _has_option(parser, "--progress-json")
+    if action is None:
+        action = parser.add_argument("--progress-json", action="store_true",
+                                     help="JSON-lines events on stdout (start, progress, done, error)")
+    parser.set_defaults(_json_dest=action.dest)
+    if command in READS_CT and _has_option(parser, "--resample-dicom") is None:
+        parser.add_argument("--resample-dicom", action="store_true",
+                            help="accept a DICOM series with missing slices or uneven slice spacing by resampling "
+                                 "its readable slices onto a uniform grid (default: refuse it, naming the problem)")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -37,7 +67,70 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p.set_defaults(_module=module_name)
         if name in argv:
             importlib.import_module(module_name).add_arguments(p)
+            add_common_arguments(p, name)
     return parser
+
+
+def _output_folders(args: argparse.Namespace) -> list[Path]:
+    """Folders the command writes into (``--out`` folder or the folder of an ``--out`` file, ``--out-dir``)."""
+    folders = []
+    for name in ("out", "out_dir"):
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        path = Path(str(value)).expanduser()
+        is_file = path.is_file() or (not path.is_dir() and "." in path.name.lstrip("."))
+        folders.append(path.parent if is_file else path)
+    return folders
+
+
+def _json_requested(args: argparse.Namespace) -> bool:
+    from . import progress
+
+    return bool(getattr(args, getattr(args, "_json_dest", "progress_json"), False)) or progress.json_lines_used()
+
+
+def _emit_error(args: argparse.Namespace, message: str, mark: int) -> None:
+    """The JSON ``error`` event, unless the command already emitted one."""
+    from . import progress
+
+    if _json_requested(args) and progress.error_events_emitted() == mark:
+        progress.ProgressReporter(args.command, 0, json_lines=True).error(message)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one parsed command; the one place user errors are reported (module docstring of ``errors``)."""
+    from . import errors, progress
+    from .data import readers
+
+    errors.begin_command(args.command)
+    mark = progress.error_events_emitted()
+    progress.reset_json_lines_used()
+    readers.set_resample_dicom(bool(getattr(args, "resample_dicom", False)))
+    try:
+        for folder in _output_folders(args):
+            errors.watch_output_dir(folder)
+            errors.remove_stale_temp_files(folder)
+        module = importlib.import_module(args._module)
+        code = int(module.main(args) or 0)
+    except KeyboardInterrupt:
+        errors.cleanup_command()
+        print(f"medgmae {args.command}: interrupted", file=sys.stderr)
+        _emit_error(args, "interrupted", mark)
+        return 130
+    except Exception as exc:
+        message = errors.user_message(exc)
+        errors.cleanup_command()
+        if message is None:  # a bug, not a user error: keep the traceback, but never fail silently
+            _emit_error(args, errors.describe(exc), mark)
+            raise
+        print(f"medgmae {args.command}: error: {message}", file=sys.stderr)
+        _emit_error(args, message, mark)
+        return errors.EXIT_USER_ERROR
+    finally:
+        readers.set_resample_dicom(False)
+    errors.finish_command()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(args._module)
-    try:
-        return int(module.main(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as exc:
-        print(f"medgmae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

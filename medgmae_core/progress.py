@@ -8,7 +8,8 @@ One object per line on stdout, each with an ``event`` key:
 * ``{"event": "progress", "step": int, "total": int, ...metrics}``
 * ``{"event": "checkpoint", "step": int, "path": str}``
 * ``{"event": "done", "step": int, ...outputs}``
-* ``{"event": "error", "message": str}``
+* ``{"event": "error", "message": str}``: one line naming the file or parameter. ``cli.main`` emits it for
+  every command that fails (unless the command already did), then exits with code 2 for user errors.
 """
 from __future__ import annotations
 
@@ -17,6 +18,23 @@ import math
 import sys
 import time
 from typing import Any, TextIO
+
+
+_counts = {"error_events": 0, "json_reporters": 0}
+
+
+def error_events_emitted() -> int:
+    """How many ``error`` events have been emitted in this process (``cli.main`` avoids emitting a second)."""
+    return _counts["error_events"]
+
+
+def json_lines_used() -> bool:
+    """True if a JSON-lines reporter was created since :func:`reset_json_lines_used`."""
+    return _counts["json_reporters"] > 0
+
+
+def reset_json_lines_used() -> None:
+    _counts["json_reporters"] = 0
 
 
 def _jsonable(value: Any) -> Any:
@@ -47,7 +65,9 @@ class ProgressReporter:
         self.stream = stream if stream is not None else sys.stdout
         self._bar = None
         self._t0 = time.time()
-        if not json_lines:
+        if json_lines:
+            _counts["json_reporters"] += 1
+        else:
             from tqdm import tqdm
             self._bar = tqdm(total=self.total, initial=initial, desc=command, file=sys.stderr,
                              dynamic_ncols=True)
@@ -55,10 +75,12 @@ class ProgressReporter:
     def emit(self, event: str, **fields: Any) -> None:
         record = {"event": event, "command": self.command, "time": round(time.time() - self._t0, 3)}
         record.update(_jsonable(fields))
+        if self.json_lines and event == "error":
+            _counts["error_events"] += 1
         if self.json_lines:
             self.stream.write(json.dumps(record) + "\n")
             self.stream.flush()
-        elif event != "progress":
+        elif event not in ("progress", "error"):  # errors: one line from cli.main, not two
             text = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("event", "command", "time"))
             msg = f"[{self.command}] {event}: {text}"
             (self._bar.write(msg, file=sys.stderr) if self._bar else print(msg, file=sys.stderr))

@@ -32,8 +32,9 @@ def _check_outputs(res: dict, hu: np.ndarray, affine: np.ndarray, mask_ratio: fl
     assert sorted(out) == ["mask", "ply", "png", "prediction", "scene"]
     pred, pred_aff = nifti.read_volume_array(out["prediction"])
     mask, mask_aff = nifti.read_volume_array(out["mask"])
-    assert pred.shape == mask.shape == tuple(res["prepared_shape"])
+    assert pred.shape == mask.shape == hu.shape  # the input CT's exact grid and affine (issue 13)
     np.testing.assert_allclose(pred_aff, mask_aff)
+    np.testing.assert_allclose(pred_aff, affine, atol=1e-4)
     assert set(np.unique(mask)) <= {0, 1}
     assert abs(mask.mean() - mask_ratio) < 0.2  # random 12^3 patches, some windows padded
     # the prepared grid covers the same world box as the input CT

@@ -38,6 +38,7 @@ from monai.transforms import (
 
 from monai.data import NibabelReader
 
+from ..errors import InputError
 from .readers import NIFTI_SUFFIXES, SimpleITKReader, has_suffix
 
 HU_WINDOW: tuple[float, float] = (-175.0, 250.0)
@@ -45,8 +46,8 @@ KEY = "image"
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit: silences a MONAI deprecation warning
 
 
-class NotCTError(ValueError):
-    """A volume whose intensities do not look like Hounsfield units."""
+class NotCTError(InputError):
+    """A volume whose intensities do not look like Hounsfield units (also a ``ValueError``)."""
 
 
 def root_exception(exc: BaseException) -> BaseException:
@@ -94,20 +95,91 @@ def ct_intensity_problem(volume, max_samples: int = 2_000_000) -> str | None:
     """
     x = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     x = x.reshape(-1)
+    if x.size == 0:
+        return "empty volume"
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():  # every voxel, not a sample
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        return f"non-finite voxel values ({bad} NaN or inf voxels)"
     if x.size > max_samples:
         x = x[:: x.size // max_samples + 1]
     x = x.astype(np.float32, copy=False)
-    if x.size == 0:
-        return "empty volume"
-    if not np.isfinite(x).all():
-        return "non-finite voxel values"
     low = float(np.mean(x <= -100.0))
     soft = float(np.mean((x >= -200.0) & (x <= 300.0)))
     lo, hi = float(x.min()), float(x.max())
+    if lo == hi:
+        return f"constant volume (every voxel is {lo:g}); not a CT"
     if low < 0.005 or soft < 0.05:
         return (f"intensities do not look like CT Hounsfield units (range {lo:.4g}..{hi:.4g}; "
                 f"{100 * low:.1f}% <= -100 HU, {100 * soft:.1f}% soft tissue)")
     return None
+
+
+# ------------------------------------------------------------------ size guard
+DEFAULT_MAX_VOXELS = 100_000_000   # prepared-grid voxels a command works on by default (--max-voxels overrides)
+UPSAMPLE_WARN_FACTOR = 2.0         # warn when resampling makes an axis more than this many times finer
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: float | Sequence[float] | None
+                    ) -> tuple[int, int, int]:
+    """Grid size after resampling ``shape`` at ``spacing`` mm to ``target`` mm, corner-aligned like
+    ``inference.prepare_ct`` (``(n - 1) * s / t + 1``, at least 2); ``target=None`` keeps the grid."""
+    if target is None:
+        return tuple(int(n) for n in shape)  # type: ignore[return-value]
+    t = np.broadcast_to(np.asarray(target, dtype=np.float64), (3,))
+    return tuple(max(2, int(round((int(n) - 1) * float(sp) / float(tt))) + 1)
+                 for n, sp, tt in zip(shape, spacing, t))  # type: ignore[return-value]
+
+
+def check_resample_size(shape: Sequence[int], spacing: Sequence[float], target: float | Sequence[float] | None, *,
+                        max_voxels: int | None = None, bytes_per_voxel: float = 24.0, what: str = "CT",
+                        spacing_option: str | None = "--spacing",
+                        override_option: str | None = "--max-voxels") -> tuple[int, int, int]:
+    """Estimate the prepared grid and its memory *before* working; refuse it when too big, warn on upsampling.
+
+    Refuses (``SizeLimitError``, naming ``--max-voxels`` and the spacing) when the prepared grid has more than
+    ``max_voxels`` voxels (default :data:`DEFAULT_MAX_VOXELS`) or, with the default limit, when the estimated
+    memory (``bytes_per_voxel`` per prepared voxel) exceeds the memory available. An explicit ``max_voxels``
+    is the user's override of both. Logs a warning for every axis upsampled by more than
+    :data:`UPSAMPLE_WARN_FACTOR`. Returns the prepared shape.
+    """
+    from ..errors import SizeLimitError, available_memory_bytes
+
+    spacing = [float(v) for v in spacing]
+    if target is not None:
+        t = np.broadcast_to(np.asarray(target, dtype=np.float64), (3,))
+        if not np.all(np.isfinite(t)) or np.any(t <= 0):
+            raise InputError(f"{spacing_option} must be positive, got {target}")
+    new = resampled_shape(shape, spacing, target)
+    voxels = int(np.prod(new, dtype=np.float64))
+    need = voxels * float(bytes_per_voxel)
+    limit = DEFAULT_MAX_VOXELS if max_voxels is None else int(max_voxels)
+    src = "x".join(str(int(n)) for n in shape)
+    sp = "x".join(f"{v:.3g}" for v in spacing)
+    grid = "x".join(str(n) for n in new)
+    desc = (f"{what}: {src} voxels at {sp} mm" + (f" resampled to {float(np.max(target)):.3g} mm" if target is not None
+                                                   else "") + f" is {grid} = {voxels / 1e6:.1f} M voxels "
+            f"(about {need / 2**30:.1f} GB of memory)")
+    remedies = ", ".join(["check the CT's voxel spacing"] + ([f"use a coarser {spacing_option}"] if spacing_option
+                                                              else []) + ["crop the CT"])
+    if voxels > limit:
+        raise SizeLimitError(f"{desc}, above the limit of {limit / 1e6:g} M voxels; {remedies}"
+                             + (f", or raise {override_option}" if override_option else ""))
+    if max_voxels is None:
+        available = available_memory_bytes()
+        if available is not None and need > available:
+            raise SizeLimitError(f"{desc}, more than the {available / 2**30:.1f} GB of memory available; {remedies}"
+                                 + (f" (or pass {override_option} to try anyway)" if override_option else ""))
+    if target is not None:
+        for axis, (n_old, n_new) in enumerate(zip(shape, new)):
+            factor = (n_new - 1) / max(1, int(n_old) - 1)
+            if factor > UPSAMPLE_WARN_FACTOR:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "%s: upsampling axis %d by %.1fx (%d -> %d voxels, %.3g mm -> %.3g mm): the result is interpolated "
+                    "from a much coarser CT", what, axis, factor, int(n_old), n_new, spacing[axis],
+                    float(np.broadcast_to(np.asarray(target, dtype=np.float64), (3,))[axis]))
+    return new
 
 
 class LoadCTd(LoadImaged):
@@ -131,7 +203,15 @@ class LoadCTd(LoadImaged):
 
 
 class EnsureCTd(MapTransform):
-    """Raise ``NotCTError`` naming the file if an image is not a 3D single-channel CT in HU."""
+    """Raise ``NotCTError`` naming the file if an image is not a 3D single-channel CT in HU; with
+    ``spacing_mm``, also ``SizeLimitError`` if resampling it to that spacing would exceed ``max_voxels``
+    (:func:`check_resample_size`), before the resampling is attempted."""
+
+    def __init__(self, keys=KEY, spacing_mm: float | Sequence[float] | None = None,
+                 max_voxels: int | None = None) -> None:
+        super().__init__(keys)
+        self.spacing_mm = spacing_mm
+        self.max_voxels = max_voxels
 
     def __call__(self, data):
         d = dict(data)
@@ -145,6 +225,11 @@ class EnsureCTd(MapTransform):
             problem = ct_intensity_problem(img)
             if problem:
                 raise NotCTError(f"{name}: {problem}")
+            if self.spacing_mm is not None and hasattr(img, "affine"):
+                affine = np.asarray(img.affine, dtype=np.float64)
+                check_resample_size(tuple(img.shape[1:]), np.linalg.norm(affine[:3, :3], axis=0),
+                                    self.spacing_mm, max_voxels=self.max_voxels, what=str(name),
+                                    spacing_option="spacing", override_option=None)
         return d
 
 
@@ -170,12 +255,13 @@ def _as3(value: float | Sequence[float]) -> tuple:
     return v
 
 
-def load_transforms(keys: str = KEY) -> list:
-    """Load (NIfTI via nibabel, NRRD/MHA/DICOM via SimpleITK) as channel-first float32, then check it is CT."""
+def load_transforms(keys: str = KEY, spacing_mm: float | Sequence[float] | None = None) -> list:
+    """Load (NIfTI via nibabel, NRRD/MHA/DICOM via SimpleITK) as channel-first float32, then check it is CT
+    (and, with ``spacing_mm``, that resampling it there stays within the size limit)."""
     return [
         LoadCTd(keys=keys),
         EnsureChannelFirstd(keys=keys),
-        EnsureCTd(keys=keys),
+        EnsureCTd(keys=keys, spacing_mm=spacing_mm),
     ]
 
 
@@ -183,7 +269,8 @@ def preprocess_transforms(spacing_mm: float | Sequence[float] = 1.5, roi_size: i
                           load: bool = True, window: tuple[float, float] = HU_WINDOW, keys: str = KEY) -> Pipeline:
     """Deterministic steps 1-5: load, RAS, resample, HU window, foreground crop, pad to >= ``roi_size``."""
     roi = tuple(int(r) for r in _as3(roi_size))
-    steps = load_transforms(keys) if load else [EnsureCTd(keys=keys)]
+    spacing = tuple(float(s) for s in _as3(spacing_mm))
+    steps = load_transforms(keys, spacing) if load else [EnsureCTd(keys=keys)]  # in memory: the caller checked
     steps += [
         Orientationd(keys=keys, axcodes="RAS", labels=_RAS_LABELS),
         Spacingd(keys=keys, pixdim=tuple(float(s) for s in _as3(spacing_mm)), mode="bilinear"),
@@ -236,7 +323,8 @@ def inference_transforms(spacing_mm: float | Sequence[float] | None = 1.5, *, lo
     inverted (``monai.transforms.Invertd``) back onto the input grid.
     ``spacing_mm=None`` keeps the input spacing.
     """
-    steps = load_transforms(keys) if load else [EnsureCTd(keys=keys)]
+    spacing = None if spacing_mm is None else tuple(float(s) for s in _as3(spacing_mm))
+    steps = load_transforms(keys, spacing) if load else [EnsureCTd(keys=keys)]  # in memory: the caller checked
     steps.append(Orientationd(keys=keys, axcodes="RAS", labels=_RAS_LABELS))
     if spacing_mm is not None:
         steps.append(Spacingd(keys=keys, pixdim=tuple(float(s) for s in _as3(spacing_mm)), mode="bilinear"))

@@ -7,6 +7,10 @@ deviations), ``rot_0..3`` (unit quaternion ``w, x, y, z``) and ``intensity`` (Me
 With an affine (and the grid ``shape``) the file is in world RAS millimetres: positions, scales and rotations
 of the Gaussians mapped through ``spatial.gaussians_to_world``; header comments record the grid and the affine
 so :func:`read_gaussians_ply` maps them back. Without one, positions and scales are normalised ``[0, 1]^3``.
+
+Reading validates every field before any maths (:func:`check_ply_fields`: finite values, scales within
+``SCALE_RANGE`` of the grid, non-zero quaternions, a usable grid/affine), then applies ``GaussianSet``'s own
+checks; every problem is one ``ValueError`` naming the file and the first bad vertex.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ FORMAT_TAG = "medgmae-gaussians/1"
 SH_C0 = 0.28209479177387814
 FIELDS = ("x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
           "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3", "intensity")
+# Scales (standard deviations) a Gaussian may have, relative to the grid's extent (normalised units): outside this
+# range a file is damaged, and rendering it would overflow or divide by ~0.
+SCALE_RANGE = (1e-7, 1e3)
 _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
               "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
               "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
@@ -79,15 +86,15 @@ def write_gaussians_ply(path: str | Path, gaussians: GaussianSet, *, shape=None,
     data["intensity"] = inten
     header = ["ply", "format binary_little_endian 1.0", *(f"comment {c}" for c in comments), f"element vertex {n}",
               *(f"property float {name}" for name in FIELDS), "end_header"]
+    from ..errors import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(("\n".join(header) + "\n").encode("ascii"))
         fh.write(data.tobytes())
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -134,8 +141,13 @@ def read_gaussians_ply(path: str | Path, dtype: torch.dtype = torch.float32) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"PLY file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a PLY")
     with open(path, "rb") as fh:
-        count, vdtype, comments = _parse_header(fh, path)
+        try:
+            count, vdtype, comments = _parse_header(fh, path)
+        except (IndexError, UnicodeError) as exc:
+            raise ValueError(f"{path}: malformed PLY header ({exc})") from None
         raw = fh.read(count * vdtype.itemsize)
     if len(raw) < count * vdtype.itemsize:
         raise ValueError(f"{path}: truncated PLY ({len(raw)} bytes of vertex data, expected {count * vdtype.itemsize})")
@@ -149,27 +161,71 @@ def read_gaussians_ply(path: str | Path, dtype: torch.dtype = torch.float32) -> 
         if c.startswith("medgmae "):
             key, _, value = c[len("medgmae "):].partition(" ")
             meta[key] = value
+    if "intensity" not in vdtype.names and "opacity" not in vdtype.names:
+        raise ValueError(f"{path}: PLY has neither 'intensity' nor 'opacity'")
+    try:
+        shape = tuple(int(v) for v in meta["shape"].split()) if "shape" in meta else None
+        if shape is not None:
+            shape = spatial.check_shape(shape, "shape")
+        affine = None
+        if "ijk_to_ras" in meta:
+            affine = spatial.check_affine(np.array([float(v) for v in meta["ijk_to_ras"].split()]).reshape(4, 4))
+    except ValueError as exc:
+        raise ValueError(f"{path}: bad grid metadata in the header comments ({exc})") from None
+    coords = meta.get("coords", "ras" if "ijk_to_ras" in meta else "normalised")
+    world = coords == "ras" and affine is not None and shape is not None
+    check_ply_fields(data, path, extent=_world_extent(shape, affine) if world else 1.0)
     col = lambda *names: np.stack([data[n].astype(np.float64) for n in names], axis=-1)  # noqa: E731
     centres, scales = col("x", "y", "z"), np.exp(col("scale_0", "scale_1", "scale_2"))
     quats = col("rot_0", "rot_1", "rot_2", "rot_3")
     if "intensity" in vdtype.names:
         inten = data["intensity"].astype(np.float64)
-    elif "opacity" in vdtype.names:
+    else:
         inten = 1.0 / (1.0 + np.exp(-data["opacity"].astype(np.float64)))
-    else:
-        raise ValueError(f"{path}: PLY has neither 'intensity' nor 'opacity'")
-    shape = tuple(int(v) for v in meta["shape"].split()) if "shape" in meta else None
-    coords = meta.get("coords", "ras" if "ijk_to_ras" in meta else "normalised")
-    affine = None
-    if "ijk_to_ras" in meta:
-        affine = spatial.check_affine(np.array([float(v) for v in meta["ijk_to_ras"].split()]).reshape(4, 4),
-                                      f"{path}: ijk_to_ras comment")
-    if coords == "ras" and affine is not None and shape is not None:
-        axes = spatial.world_scales_quaternions_to_axes(scales, quats)
-        gs = spatial.world_to_gaussians(centres, axes, inten, shape, affine, dtype=dtype)
-    else:
-        gs = GaussianSet(*(torch.from_numpy(a)[None] for a in (centres, scales, quats, inten))).to(dtype=dtype)
+    from ..gaussians import GaussianValidationError
+
+    try:
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            if world:
+                axes = spatial.world_scales_quaternions_to_axes(scales, quats)
+                gs = spatial.world_to_gaussians(centres, axes, inten, shape, affine, dtype=dtype)
+            else:
+                gs = GaussianSet(*(torch.from_numpy(a)[None] for a in (centres, scales, quats, inten))).to(dtype=dtype)
+        gs.validate()  # after the dtype cast too (float32 overflow)
+    except (GaussianValidationError, ArithmeticError, np.linalg.LinAlgError, FloatingPointError, RuntimeError) as exc:
+        raise ValueError(f"{path}: invalid Gaussians ({type(exc).__name__}: {exc})") from None
     return PlyGaussians(gs, coords, shape, affine, comments)
 
 
-__all__ = ["write_gaussians_ply", "read_gaussians_ply", "PlyGaussians", "FIELDS", "SH_C0", "FORMAT_TAG"]
+def _world_extent(shape, affine) -> float:
+    """Largest extent (mm) of the grid, the unit the RAS scales are compared with."""
+    return float(max(spatial.spacing_of(affine) * (np.asarray(shape) - 1)))
+
+
+def check_ply_fields(data: np.ndarray, path, extent: float = 1.0) -> None:
+    """Refuse damaged Gaussian fields before any maths: NaN/inf anywhere, log-scales outside ``SCALE_RANGE``
+    (times ``extent``: 1 for normalised coordinates, the grid's size in mm for RAS), zero quaternions."""
+    names = [n for n in FIELDS if n in data.dtype.names and n not in ("nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2")]
+    for name in names:
+        values = data[name].astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise ValueError(f"{path}: vertex {int(bad[0])} has {name} = {values[bad[0]]} "
+                             f"({len(bad)} non-finite value(s) in '{name}')")
+    lo, hi = (np.log(SCALE_RANGE[0] * extent), np.log(SCALE_RANGE[1] * extent))
+    for name in ("scale_0", "scale_1", "scale_2"):
+        values = data[name].astype(np.float64)
+        bad = np.flatnonzero((values < lo) | (values > hi))
+        if len(bad):
+            raise ValueError(f"{path}: vertex {int(bad[0])} has {name} = {values[bad[0]]:.4g} (log of the standard "
+                             f"deviation, i.e. {np.exp(min(values[bad[0]], 700.0)):.3g}); scales must lie within "
+                             f"{SCALE_RANGE[0] * extent:.3g}..{SCALE_RANGE[1] * extent:.3g} "
+                             f"({len(bad)} vertex/vertices out of range)")
+    q = np.stack([data[f"rot_{a}"].astype(np.float64) for a in range(4)], axis=-1)
+    bad = np.flatnonzero(np.linalg.norm(q, axis=-1) < 1e-12)
+    if len(bad):
+        raise ValueError(f"{path}: vertex {int(bad[0])} has a zero rotation quaternion ({len(bad)} such vertices)")
+
+
+__all__ = ["write_gaussians_ply", "read_gaussians_ply", "check_ply_fields", "PlyGaussians", "FIELDS", "SH_C0",
+           "FORMAT_TAG", "SCALE_RANGE"]

@@ -169,7 +169,15 @@ def main(args: argparse.Namespace) -> int:
     result = evaluate_files(args.pred, args.ref, labels=args.labels, pred_labels=args.pred_labels,
                             classes=args.classes, with_hd95=not args.no_hd95)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1) if args.json else format_table(result))
+        from ..errors import atomic_path, make_output_dir
+
+        make_output_dir(Path(args.out).parent)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+    if getattr(args, "progress_json", False):
+        from ..progress import ProgressReporter
+
+        ProgressReporter("evaluate", 1, json_lines=True).done(**result)
+    else:
+        print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

@@ -112,7 +112,7 @@ def preprocess_transforms(task: LabelMap, source: LabelMap | None, *, spacing_mm
     # then lies on the image's grid; anything else is a real mismatch
     steps += [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
               CheckSameGridd(), RemapLabelsd(task, source),
-              EnsureCTd(keys=IMAGE)]
+              EnsureCTd(keys=IMAGE, spacing_mm=spacing_mm if load else None)]  # + size guard before Spacingd
     if spacing_mm is not None:
         sp = tuple(spacing_mm) if isinstance(spacing_mm, (list, tuple)) else (float(spacing_mm),) * 3
         steps.append(Spacingd(keys=keys, pixdim=sp, mode=("bilinear", "nearest")))
@@ -452,7 +452,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif last.exists():
         raise ValueError(f"{out} already holds a run ({LAST_NAME}); pass --resume to continue it or choose "
                          "another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    from ..errors import make_output_dir
+
+    make_output_dir(out)  # removed again if the run fails while it is still empty
 
     def extra() -> dict[str, Any]:
         return {"task": SEG_TASK, "architecture": model.architecture(), "labels": task.to_dict(),

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.readers import ITK_SUFFIXES, NIFTI_SUFFIXES, SimpleITKReader
-
 
 @dataclass
 class Volume:
@@ -31,45 +29,30 @@ class Volume:
 
 
 def read_volume(path: str | Path, *, what: str = "image") -> Volume:
-    """A 3D volume from a NIfTI file, a DICOM series folder, or an NRRD/MHA file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    name = path.name.lower()
-    try:
-        if name.endswith(NIFTI_SUFFIXES):
-            import nibabel as nib
+    """A 3D volume from a NIfTI file, a DICOM series folder, or an NRRD/MHA file: ``data.readers.read_image``,
+    the one reader every command uses (errors name the file; ``[X, Y, Z, 1]`` is 3D; DICOM series checked)."""
+    from ..data.readers import read_image
 
-            img = nib.load(str(path))
-            array, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
-        elif path.is_dir() or name.endswith(ITK_SUFFIXES):
-            reader = SimpleITKReader()
-            array, meta = reader.get_data(reader.read(path))
-            affine = np.asarray(meta["affine"], dtype=np.float64)
-        else:
-            raise ValueError(f"{what} {path}: unsupported format (use NIfTI, NRRD, MHA or a DICOM folder)")
-    except (ValueError, FileNotFoundError) as exc:
-        if str(path) in str(exc):
-            raise
-        raise ValueError(f"could not read {what} {path}: {exc}") from None
-    except Exception as exc:  # nibabel / SimpleITK read errors
-        raise ValueError(f"could not read {what} {path}: {exc}") from None
-    array = np.squeeze(array) if array.ndim > 3 else array
-    if array.ndim != 3:
-        raise ValueError(f"{what} {path} must be a 3D volume, got shape {array.shape}")
+    array, affine = read_image(path, what=what)
     return Volume(array, affine, str(path))
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write ``array`` [X, Y, Z] with ``affine`` as NIfTI (qform and sform set, code 1 = scanner)."""
+    """Write ``array`` [X, Y, Z] with ``affine`` as NIfTI (qform and sform set, code 1 = scanner).
+
+    Atomic: written to a temporary file beside ``path`` (registered with ``errors``, so a failed command removes
+    it), then renamed; a full disk never leaves a partial NIfTI under the final name."""
     import nibabel as nib
+
+    from ..errors import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 
@@ -91,6 +74,16 @@ def resample_nearest(array: np.ndarray, affine: np.ndarray, out_shape, out_affin
     m = voxel_map(affine, out_affine)
     return ndimage.affine_transform(array, m[:3, :3], m[:3, 3], output_shape=tuple(int(s) for s in out_shape),
                                     order=0, mode=mode, cval=fill)
+
+
+def resample_linear(array: np.ndarray, affine: np.ndarray, out_shape, out_affine: np.ndarray) -> np.ndarray:
+    """Trilinear resampling of an intensity array onto another grid (exact output shape, float32); output voxels
+    just outside the input grid take the nearest edge value."""
+    from scipy import ndimage
+
+    m = voxel_map(affine, out_affine)
+    return ndimage.affine_transform(np.asarray(array, dtype=np.float32), m[:3, :3], m[:3, 3],
+                                    output_shape=tuple(int(s) for s in out_shape), order=1, mode="nearest")
 
 
 def reorient_to(array: np.ndarray, affine: np.ndarray, ref_shape, ref_affine: np.ndarray, *,

@@ -63,15 +63,31 @@ class Segmenter:
 
     # -------------------------------------------------------------- pipeline
     def load(self, path: str | Path):
-        """The CT as loaded (MetaTensor ``[1, X, Y, Z]`` in HU on the file's grid)."""
-        from monai.transforms import Compose
+        """The CT as loaded (MetaTensor ``[1, X, Y, Z]`` in HU on the file's grid), through the one reader every
+        command uses (``data.readers.read_ct``: errors name the file, DICOM series are checked)."""
+        from monai.data import MetaTensor
 
-        from ..data.transforms import load_transforms
+        from ..data.readers import read_ct
 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input CT not found: {path}")
-        return Compose(load_transforms())({"image": str(path)})["image"]
+        array, affine = read_ct(path, what="input CT")
+        meta = {"filename_or_obj": str(path), "original_affine": affine.copy(), "space": "RAS",
+                "spatial_shape": np.asarray(array.shape), "original_channel_dim": "no_channel"}
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine),
+                          meta=meta)
+
+    def check_size(self, image, *, max_voxels: int | None = None, what: str = "input CT") -> tuple[int, int, int]:
+        """The working grid's size at the checkpoint's spacing, refused above ``max_voxels`` or the memory
+        (``data.transforms.check_resample_size``), before any work."""
+        from ..data.transforms import check_resample_size
+
+        affine = np.asarray(image.affine, dtype=np.float64)
+        classes = self.labels.num_classes
+        return check_resample_size(tuple(image.shape[1:]), np.linalg.norm(affine[:3, :3], axis=0), self.spacing_mm,
+                                   max_voxels=max_voxels, bytes_per_voxel=4.0 * (2 * classes + 4), what=what,
+                                   spacing_option=None)  # the spacing is the checkpoint's
 
     def preprocess(self, image):
         """HU MetaTensor on its grid -> windowed MetaTensor in RAS at the model's spacing."""
@@ -90,10 +106,15 @@ class Segmenter:
                                           mode="gaussian", padding_mode="constant", cval=0.0)
         return logits[0].as_subclass(torch.Tensor) if hasattr(logits, "as_subclass") else logits[0]
 
-    def segment_file(self, path: str | Path, *, overlap: float = 0.5, sw_batch_size: int = 1
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def segment_file(self, path: str | Path, *, overlap: float = 0.5, sw_batch_size: int = 1,
+                     max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Label map ``[X, Y, Z]`` (uint8/uint16) on the input's own grid, and that grid's affine."""
         original = self.load(path)
+        self.check_size(original, max_voxels=max_voxels, what=f"input CT {path}")
+        return self.segment_image(original, overlap=overlap, sw_batch_size=sw_batch_size)
+
+    def segment_image(self, original, *, overlap: float = 0.5, sw_batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`segment_file` for a CT already loaded with :meth:`load` (and checked with :meth:`check_size`)."""
         orig_affine = np.asarray(original.affine, dtype=np.float64)
         orig_shape = tuple(int(s) for s in original.shape[1:])
         image = self.preprocess(original)
@@ -105,16 +126,38 @@ class Segmenter:
 
 
 def segment(input_path: str | Path, checkpoint: str | Path, out: str | Path, *, overlap: float = 0.5,
-            sw_batch_size: int = 1, device: str = "cpu") -> dict[str, Any]:
-    """Segment ``input_path`` and write ``out`` (NIfTI) plus ``<out>.labels.json``; returns a summary."""
+            sw_batch_size: int = 1, device: str = "cpu", max_voxels: int | None = None,
+            on_start=None) -> dict[str, Any]:
+    """Segment ``input_path`` and write ``out`` (NIfTI) plus ``<out>.labels.json``; returns a summary.
+
+    Every input is checked (checkpoint kind, the CT, the working grid's size) before ``on_start(**fields)`` is
+    called (the CLI starts its progress reporting there); both outputs are written or neither
+    (``errors.StagedOutputs``)."""
+    from ..errors import StagedOutputs, make_output_dir
+
     t0 = time.time()
     out = Path(out)
     if not str(out).endswith((".nii", ".nii.gz")):
         raise ValueError(f"--out must be a NIfTI path (.nii or .nii.gz), got {out}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the label map's file name (e.g. {out / 'seg.nii.gz'})")
+    if not Path(input_path).exists():
+        raise FileNotFoundError(f"input CT not found: {input_path}")
     seg = Segmenter.from_checkpoint(checkpoint, device=device)
-    labels, affine = seg.segment_file(input_path, overlap=overlap, sw_batch_size=sw_batch_size)
-    write_nifti(labels, affine, out)
-    seg.labels.save_json(sidecar_path(out))
+    original = seg.load(input_path)
+    work_shape = seg.check_size(original, max_voxels=max_voxels, what=f"input CT {input_path}")
+    if on_start is not None:
+        on_start(input=str(input_path), checkpoint=str(checkpoint), shape=list(original.shape[1:]),
+                 working_shape=list(work_shape))
+    labels, affine = seg.segment_image(original, overlap=overlap, sw_batch_size=sw_batch_size)
+    make_output_dir(out.parent)
+    staged = StagedOutputs()
+    try:
+        write_nifti(labels, affine, staged.path(out))
+        seg.labels.save_json(staged.path(sidecar_path(out)))
+        staged.commit()
+    finally:
+        staged.discard()
     counts = {seg.labels.names[i]: int((labels == i).sum()) for i in seg.labels.ids}
     return {"output": str(out), "labels_json": str(sidecar_path(out)), "shape": list(labels.shape),
             "voxels": counts, "seconds": round(time.time() - t0, 2)}
@@ -128,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--max-voxels", type=int, default=None,
+                        help="refuse a working grid (the CT at the checkpoint's spacing) above this many voxels "
+                             "(default 100 M, or less if the memory would not hold it)")
     parser.add_argument("--progress-json", "--json-lines", dest="json_lines", action="store_true",
                         help="JSON-lines progress on stdout")
 
@@ -139,16 +185,26 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.sw_batch_size < 1:
         raise ValueError(f"--sw-batch-size must be >= 1, got {args.sw_batch_size}")
+    if args.max_voxels is not None and args.max_voxels < 1:
+        raise ValueError(f"--max-voxels must be >= 1, got {args.max_voxels}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    reporter = ProgressReporter("segment", 1, json_lines=args.json_lines)
-    reporter.start(input=str(args.input), checkpoint=str(args.checkpoint))
+    reporters: list[ProgressReporter] = []
+
+    def on_start(**fields) -> None:  # after every input check: a bad input gets one line, no progress bar
+        reporters.append(ProgressReporter("segment", 1, json_lines=args.json_lines))
+        reporters[0].start(**fields)
+
+    # errors: cli.main reports them (one line, the JSON error event, temporary files removed, exit 2)
     try:
         result = segment(args.input, args.checkpoint, args.out, overlap=args.overlap,
-                         sw_batch_size=args.sw_batch_size, device=resolve_device(args.device))
-    except Exception as exc:
-        reporter.error(str(exc))
+                         sw_batch_size=args.sw_batch_size, device=resolve_device(args.device),
+                         max_voxels=args.max_voxels, on_start=on_start)
+    except BaseException:
+        for r in reporters:
+            r.close()
         raise
+    reporter = reporters[0]
     reporter.progress(1)
     reporter.done(**result)
     if not args.json_lines:

@@ -13,9 +13,16 @@ A checkpoint is a ``torch.save``'d dict::
 
 Everything in it is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)``: opening a checkpoint never runs code.
-Writes go to a temporary file in the same folder, are fsync'ed, then
-``os.replace``'d over the target, so a crash mid-write leaves the previous
-file intact.
+Writes go to a temporary file in the same folder (``.NAME.<pid>.tmp``), are
+fsync'ed, then ``os.replace``'d over the target, so a crash mid-write leaves the
+previous file intact; a full disk is reported as such (torch's own message is
+"unexpected pos ..."), and a temporary file left by a killed process is removed
+when a run starts or resumes in that folder (:func:`remove_stale_temp_files`).
+
+Each consumer asks for the kind it needs (:func:`require_kind`): a pre-training
+checkpoint (``demo``, ``reconstruct --init medgmae``, the Slicer module), a
+fine-tuned segmentation checkpoint (``segment``); the wrong kind is named in one
+line instead of a list of mismatched weights.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError, OutputError, os_error_reason, remove_stale_temp_files, track_temp, untrack_temp
+
 log = logging.getLogger(__name__)
 
 FORMAT = "medgmae-checkpoint/1"
@@ -37,8 +46,59 @@ LAST_NAME = "last.pt"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(ValueError):
-    """A file is not a usable MedGMAE checkpoint; the message names it."""
+class CheckpointError(InputError):
+    """A file is not a usable MedGMAE checkpoint (or not the kind needed); the message names it."""
+
+
+PRETRAINING, SEGMENTATION, RECONSTRUCTION = "pretraining", "segmentation", "reconstruction"
+KIND_DESCRIPTIONS = {
+    PRETRAINING: "a pre-training checkpoint (from `medgmae pretrain`, e.g. runs/NAME/last.pt, or the bundled demo "
+                 "weights)",
+    SEGMENTATION: "a segmentation checkpoint (from `medgmae finetune`)",
+    RECONSTRUCTION: "a reconstruction checkpoint (recon_checkpoint.pt from `medgmae reconstruct`, for --resume)",
+}
+
+
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """``"pretraining"``, ``"segmentation"`` or ``"reconstruction"``."""
+    if str(ckpt.get("format", "")).startswith("medgmae-recon-checkpoint") or (
+            "params" in ckpt and "iteration" in ckpt):
+        return RECONSTRUCTION
+    if (ckpt.get("extra") or {}).get("task") == "segmentation":
+        return SEGMENTATION
+    return PRETRAINING
+
+
+def require_kind(ckpt: dict[str, Any], path: str | Path, expected: str, needed_by: str | None = None) -> None:
+    """A one-line ``CheckpointError`` if ``ckpt`` is not of the ``expected`` kind; ``needed_by`` names the
+    consumer (default: the running command, e.g. "`medgmae demo`")."""
+    kind = checkpoint_kind(ckpt)
+    if kind == expected:
+        return
+    if needed_by is None:
+        from ..errors import current_command
+
+        command = current_command()
+        needed_by = f"`medgmae {command}`" if command else "this"
+    short = {PRETRAINING: "pre-training", SEGMENTATION: "segmentation (finetune)",
+             RECONSTRUCTION: "reconstruction"}[kind]
+    raise CheckpointError(f"{path}: this is a {short} checkpoint; {needed_by} needs "
+                          f"{KIND_DESCRIPTIONS[expected]}")
+
+
+def _mismatch_summary(exc: Exception) -> str:
+    """A short description of a state_dict mismatch (torch lists every key)."""
+    text = str(exc)
+    parts = []
+    for label in ("Missing key(s)", "Unexpected key(s)"):
+        m = re.search(re.escape(label) + r" in state_dict: (.*?)(?:\.\s*(?:\n|$)|\n)", text, re.S)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label.split()[0].lower()} (e.g. {', '.join(keys[:3])})")
+    shapes = re.findall(r"size mismatch for ([\w.]+)", text)
+    if shapes:
+        parts.append(f"{len(shapes)} with a different shape (e.g. {', '.join(shapes[:3])})")
+    return "; ".join(parts) if parts else text.splitlines()[0][:200]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -94,18 +154,38 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` over ``path``."""
+    import errno
+    import shutil
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp = track_temp(path.parent / f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(exc.errno, f"cannot write {path}: {os_error_reason(exc)}", str(path)) from exc
+    except RuntimeError as exc:  # torch's writer: "unexpected pos ..." / "file write failed" on a full disk
+        tmp.unlink(missing_ok=True)
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = -1
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if 0 <= free < 64 * 2**20:
+            raise OutputError(errno.ENOSPC, f"cannot write {path}: disk full ({free / 2**20:.1f} MB free; "
+                                            f"torch: {first})", str(path)) from exc
+        raise OutputError(errno.EIO, f"cannot write {path}: the write failed ({first}); is the disk full?",
+                          str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        untrack_temp(tmp)
     _fsync_dir(path.parent)
     return path
 
@@ -183,6 +263,12 @@ def list_step_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def clean_stale_temp_files(out_dir: str | Path) -> list[Path]:
+    """Remove ``.step_….pt.<pid>.tmp`` / ``.last.pt.<pid>.link`` files of killed runs (SIGKILL mid-write) in
+    ``out_dir``; runs call this when they start or resume. Files of running processes are kept."""
+    return remove_stale_temp_files(out_dir)
+
+
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints (``keep_last <= 0`` keeps all)."""
     if keep_last <= 0:
@@ -205,6 +291,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         kind = "holds objects a weights-only load refuses" if "weights_only" in str(exc) else "is not readable"
         raise CheckpointError(f"{path}: not a MedGMAE checkpoint (the file {kind}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if isinstance(ckpt, dict) and checkpoint_kind(ckpt) == RECONSTRUCTION:
+        raise CheckpointError(f"{path}: this is {KIND_DESCRIPTIONS[RECONSTRUCTION]}, not a model checkpoint")
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise CheckpointError(f"{path}: not a MedGMAE checkpoint (no 'format' key; a bare state_dict?)")
     if ckpt["format"] != FORMAT:
@@ -215,14 +303,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """``(model, ModelConfig)`` from a checkpoint, on ``device``, in eval mode.
+def load_model(path: str | Path, device: str | torch.device = "cpu", *, needed_by: str | None = None):
+    """``(model, ModelConfig)`` from a pre-training checkpoint, on ``device``, in eval mode.
 
-    The one way the CLI, Slicer, reconstruction and segmentation load a pre-trained model.
+    The one way the CLI, Slicer, reconstruction and segmentation load a pre-trained model. Another kind of
+    checkpoint (segmentation, reconstruction) is refused in one line naming both kinds (``needed_by``: who
+    needs it, default the running command).
     """
     from ..model import ModelConfig, build_model
 
     ckpt = load_checkpoint(path, map_location="cpu")
+    require_kind(ckpt, path, PRETRAINING, needed_by)
     try:
         config = ModelConfig.from_dict(ckpt["model_config"])
     except (TypeError, ValueError) as exc:
@@ -231,7 +322,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the stored model config ({exc})") from exc
+        raise CheckpointError(f"{path}: weights do not match the stored model config "
+                              f"({_mismatch_summary(exc)})") from exc
     return model.to(device).eval(), config
 
 
