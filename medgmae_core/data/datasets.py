@@ -255,8 +255,10 @@ class PretrainCrops(torch.utils.data.Dataset):
                 self._bad.add(idx)
                 name = self.cases[idx]["name"]
                 skipped.append((name, error_message(exc).removeprefix(f"{name}: ")))
-        detail = "; ".join(f"{n}: {r}" for n, r in skipped)
-        raise RuntimeError(f"none of the {n} input volumes could be loaded ({detail})")
+        from ..errors import NoUsableInputError  # a user error (exit 2), and still a RuntimeError
+
+        detail = "; ".join(f"{name}: {r}" for name, r in skipped)
+        raise NoUsableInputError(f"none of the {n} input volumes could be loaded ({detail})")
 
     def __getitem__(self, slot: int) -> dict[str, Any]:
         item, skipped = self._load(slot)

@@ -268,8 +268,9 @@ def prepare(args, data: ProjectionData, device: torch.device, resume_state: dict
 
 
 def run(args) -> dict:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..errors import make_output_dir
+
+    out = make_output_dir(Path(args.out))  # removed again if the run fails while it is still empty
     device = torch.device(args.device)
     cfg = FitConfig(iters=args.iters, lr_horizon=args.lr_horizon, views_per_iter=args.views_per_iter,
                     eval_every=args.eval_every,
@@ -325,7 +326,9 @@ def run(args) -> dict:
                       **{k: metrics[k] for k in ("psnr", "ssim") if k in metrics})
         return metrics
     except Exception as exc:
-        reporter.error(f"{type(exc).__name__}: {exc}")
+        from ..errors import describe
+
+        reporter.error(describe(exc))  # the same one line cli.main prints (it then exits 2 for user errors)
         raise
 
 
@@ -343,7 +346,7 @@ def write_outputs(out: Path, args, data: ProjectionData, prep: Prepared, fit: Re
     metrics = {
         "input": str(args.input), "init": args.init, "geometry": data.geometry.kind, "views": data.geometry.n_views,
         "volume_shape": list(data.volume_shape), "spacing_mm": list(data.spacing_mm), "filter": args.filter,
-        **prep.info, "max_intensity": fit.params.max_intensity, "units": "attenuation, 1/mm (line integrals are dimensionless)",
+        **prep.info, "max_intensity": fit.params.max_intensity, "units": data.meta.get("units", "attenuation, 1/mm (line integrals are dimensionless)"),
         "projection_loss": fit.result.history[-1].get("loss") if fit.result.history else None,
         **fit.final_metrics(), "history": fit.result.history, "densify_log": fit.result.densify_log,
         "meta": data.meta,

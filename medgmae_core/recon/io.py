@@ -153,6 +153,19 @@ def _suffix_kind(path: Path) -> str:
     raise ValueError(f"{path}: unknown projection file type; use .npz or .h5/.hdf5")
 
 
+def check_angles_radians(angles: np.ndarray, what: str = "angles") -> None:
+    """Refuse projection angles that cannot be this format's radians: NaN/inf, all equal (more than one view),
+    or spanning more than a full turn (degrees, like the data-exchange ``theta``)."""
+    a = np.asarray(angles, dtype=np.float64).reshape(-1)
+    if not np.isfinite(a).all():
+        raise GeometryError(f"{what} contain NaN or inf")
+    if a.size > 1 and float(a.max() - a.min()) < 1e-9:
+        raise GeometryError(f"{what}: all {a.size} angles are {a[0]:g}; the views of a scan need different angles")
+    if float(a.max() - a.min()) > 2 * math.pi + 1e-6:
+        raise GeometryError(f"{what} span {float(a.max() - a.min()):.4g}: angles in this format are radians, these "
+                            "look like degrees (convert them with numpy.deg2rad)")
+
+
 def save_projections(path: str | Path, data: ProjectionData) -> Path:
     """Write ``data`` in the ``medgmae-projections/1`` format (npz or HDF5 by suffix), atomically."""
     path = Path(path)
@@ -234,6 +247,7 @@ def load_projections(path: str | Path, **data_exchange_options) -> ProjectionDat
     if angles.size != proj.shape[0]:
         raise GeometryError(f"{path}: {angles.size} angles but {proj.shape[0]} projections: angles must match "
                             f"projections one to one")
+    check_angles_radians(angles, f"{path}: angles")
     if "volume_shape" not in attrs:
         raise GeometryError(f"{path}: missing geometry field 'volume_shape'")
     geometry = geometry_from_attributes(attrs, angles, proj.shape[1:], source=str(path))
@@ -370,7 +384,9 @@ def load_data_exchange(path: str | Path, *, centre: float | str | None = "auto",
                             detector_offset=centre_b - (cols_b - 1) / 2)
     shape = (n, n, max(rows, 2))
     meta = {"rotation_centre_column": centre_col, "rotation_centre": centre_how, "bin_cols": b,
-            "pixel_size_mm": pixel_size_mm, "units": "line integrals; attenuation per pixel_size_mm"}
+            "pixel_size_mm": pixel_size_mm,
+            "units": f"unknown: attenuation per {pixel_size_mm:g} mm (1/mm only if --pixel-size {pixel_size_mm:g} is "
+                     "the detector's true pixel pitch; data-exchange files do not record it)"}
     return ProjectionData(torch.from_numpy(proj), geometry, shape, source=str(path), meta=meta)
 
 
@@ -429,22 +445,16 @@ def load_ct_volume(path: str | Path, *, crop: str | None = None, downsample: int
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CT volume not found: {path}")
-    try:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            import nibabel as nib
+    from ..data.readers import NIFTI_SUFFIXES, has_suffix, read_ct
 
-            img = nib.as_closest_canonical(nib.load(str(path)))
-            hu, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
-        else:
-            from ..data.readers import SimpleITKReader
+    # the one reader every command uses: errors name the file, [X, Y, Z, 1] is 3D, DICOM series are checked
+    hu, affine = read_ct(path, what="CT volume", check_ct=False)
+    if has_suffix(path, NIFTI_SUFFIXES):  # RAS index order, like nib.as_closest_canonical
+        import nibabel as nib
 
-            reader = SimpleITKReader()
-            hu, meta = reader.get_data(reader.read(str(path)))
-            hu, affine = np.asarray(hu, dtype=np.float32), np.asarray(meta["affine"], dtype=np.float64)
-    except Exception as exc:  # readers raise assorted types
-        raise ValueError(f"{path}: cannot read CT volume ({type(exc).__name__}: {exc})") from None
-    if hu.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {list(hu.shape)}")
+        ornt = nib.orientations.io_orientation(affine)
+        affine = affine @ nib.orientations.inv_ornt_aff(ornt, hu.shape)
+        hu = np.ascontiguousarray(nib.orientations.apply_orientation(hu, ornt), dtype=np.float32)
     sl = parse_crop(crop, hu.shape)
     hu = hu[sl]
     affine = np.asarray(affine, dtype=np.float64).copy()

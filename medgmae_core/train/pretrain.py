@@ -434,8 +434,15 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
     ddp_model = wrap_model(model, info, device)
     reporter = None
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        from ..errors import make_output_dir, track_temp
+        from .checkpoint import clean_stale_temp_files
+
+        make_output_dir(out_dir)  # a failed run removes it again if it is still empty
+        clean_stale_temp_files(out_dir)  # e.g. .step_….pt.<pid>.tmp of a run killed mid-write
+        fresh_config = not (out_dir / "config.yaml").exists()
         _write_config_yaml(cfg, model_config, out_dir / "config.yaml")
+        if fresh_config:  # a new run that fails before its first checkpoint leaves nothing behind
+            track_temp(out_dir / "config.yaml")
         reporter = ProgressReporter(COMMAND, cfg["steps"], json_lines=bool(cfg["progress_json"]), initial=start_step)
         reporter.start(out_dir=str(out_dir), model=model_config.name, objective=model_config.objective,
                        cases=len(dataset), skipped=len(report), device=str(device), world_size=info.world_size,
@@ -451,6 +458,9 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
             scaler=scaler, config=model_config, train_config={k: cfg[k] for k in SETTINGS if k != "resume"},
             extra={"history": curve, "skipped": dict(report.reasons)})
         write_loss_curve(curve, out_dir / "loss_curve.png", f"{model_config.name} / {model_config.objective}")
+        from ..errors import untrack_temp
+
+        untrack_temp(out_dir / "config.yaml")  # the run now has a checkpoint: its config.yaml stays
         reporter.checkpoint(step, str(path))
         return path
 
