@@ -11,13 +11,23 @@ or with plain Python and slicer-core (``pip install 'medgmae-core[slicer]'``)::
 
 The scene holds the CT, the masked CT and its mask label map, the rendered prediction, the ellipsoid glyph model
 and the table of Gaussian parameters. Exit code 0 on success, 2 for bad inputs, 1 for other failures.
+
+``--png`` renders the 3D view. Inside Slicer that needs Slicer's main window, so a display: run without
+``--no-main-window`` (with ``xvfb-run`` on a server). Under plain Python the script asks VTK for an offscreen EGL
+window when there is no display; that has to happen before VTK is imported, so it is done first thing here.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import traceback
-from pathlib import Path
+
+if "slicer" not in sys.modules and sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # before anything imports VTK
+
+import argparse  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "MedGMAESlicer"
 if MODULE_DIR.is_dir() and str(MODULE_DIR) not in sys.path:
@@ -40,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="show Gaussians with at least this fraction of the strongest one's intensity")
     parser.add_argument("--ply", default=None, help="also write the Gaussians as PLY")
     parser.add_argument("--nifti", default=None, help="also write the rendered prediction as NIfTI")
-    parser.add_argument("--png", default=None, help="also render the 3D view offscreen to this PNG")
+    parser.add_argument("--png", default=None, help="also render the 3D view to this PNG (in Slicer: needs the main "
+                        "window and a display; with plain Python: offscreen EGL)")
     return parser.parse_args(argv[1:] if argv and argv[0] == "--" else argv)
 
 

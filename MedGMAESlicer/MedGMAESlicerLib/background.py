@@ -2,6 +2,8 @@
 
 Commands are built here from the panel's settings and run through :class:`jobs.BackgroundJob`
 (JSON progress lines, whole-tree cancel). ``run_*`` methods are the blocking paths for batch scripts.
+Each panel owns its inputs: training has its own device and fine-tuning encoder, reconstruction its own device
+and checkpoint; nothing is borrowed from the Predict panel.
 """
 from __future__ import annotations
 
@@ -16,13 +18,9 @@ class BackgroundLogic:
     """Train and Reconstruct panels: the ``medgmae`` CLI in a background process (``jobs.BackgroundJob``)."""
 
     def resolve_device(self, device: str = "auto") -> str:
-        """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error."""
-        import torch
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: CUDA was requested but torch sees no CUDA device; choose 'auto' or 'cpu'")
-        return device
+        """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error (imports torch)."""
+        from .prediction import resolve_device
+        return resolve_device(device)
 
     def training_command(self, *, command: str = "pretrain", data_folder, out_dir, config: str = "tiny",
                          steps: int = 1000, device: str = "auto", resume: bool = False,
@@ -30,9 +28,14 @@ class BackgroundLogic:
         """``medgmae pretrain|finetune`` arguments (without the Python prefix). ``data_folder`` may also be
         ``phantom[:N]`` (generated phantoms); ``extra_args`` are passed through (e.g. ``--img-size 48``)."""
         MedGMAEParameters(trainCommand=command, trainConfig=config, trainSteps=steps, trainDevice=device)
-        device = self.resolve_device(device)
+        command, config, device = _value(command), _value(config), _value(device)
+        if device == "cuda":
+            self.resolve_device(device)  # a clear error now, not in the child's log
+        # "auto" is passed on: pretrain and finetune resolve it themselves (no torch import in Slicer's GUI)
         is_phantom = str(data_folder).startswith("phantom")
-        if not is_phantom and (not is_set(data_folder) or not Path(data_folder).exists()):
+        if not is_phantom and not is_set(data_folder):
+            raise ValueError("training data: choose a folder of CTs (or a datalist JSON), or type phantom:8")
+        if not is_phantom and not Path(data_folder).exists():
             raise FileNotFoundError(f"training data folder {data_folder!s} does not exist")
         if not is_set(out_dir):
             raise ValueError("training output folder: choose a folder for checkpoints")
@@ -54,10 +57,11 @@ class BackgroundLogic:
         return job.start() if start else job
 
     def start_training_from_parameters(self, params: MedGMAEParameters, start: bool = True):
+        """The Train panel: its own data, output, device and (fine-tuning) encoder checkpoint."""
         return self.start_training(command=params.trainCommand, data_folder=params.trainDataFolder,
                                    out_dir=params.trainOutputFolder, config=params.trainConfig,
                                    steps=params.trainSteps, device=params.trainDevice, resume=params.trainResume,
-                                   pretrained=params.checkpointPath, start=start)
+                                   pretrained=params.finetuneEncoderPath, start=start)
 
     def run_training(self, *, timeout: float | None = None, **kwargs):
         """Blocking path for batch scripts: returns the ``JobResult``; raises with the error lines on failure."""
@@ -75,7 +79,8 @@ class BackgroundLogic:
         or the projections file (``source="projections"``)."""
         MedGMAEParameters(reconSource=source, reconGeometry=geometry, reconViews=views, reconInit=init,
                           reconIterations=iterations)
-        device = self.resolve_device(device)
+        source, geometry, init = _value(source), _value(geometry), _value(init)
+        device = self.resolve_device(_value(device))  # `medgmae reconstruct --device` takes a concrete device
         if not is_set(input_path) or not Path(input_path).exists():
             what = "CT volume" if source == "simulate" else "projection file"
             raise FileNotFoundError(f"reconstruction input: {what} {input_path!s} does not exist")
@@ -99,17 +104,20 @@ class BackgroundLogic:
         return job.start() if start else job
 
     def start_reconstruction_from_parameters(self, params: MedGMAEParameters, start: bool = True):
+        """The Reconstruct panel: its own source, output, device and checkpoint."""
         if not is_set(params.reconOutputFolder):
             raise ValueError("reconstruction output folder: choose a folder")
-        if params.reconSource == "simulate":
+        if _value(params.reconSource) == "simulate":
+            if params.inputVolume is None:
+                raise ValueError("input CT volume: choose the CT to simulate a scan of (Mask section)")
             input_path = self.write_input_ct(params.inputVolume, Path(params.reconOutputFolder) / "input_ct.nii.gz")
         else:
             input_path = params.projectionsPath
-        device = self.resolve_device(params.trainDevice)
         return self.start_reconstruction(out_dir=params.reconOutputFolder, source=params.reconSource,
                                          input_path=input_path, geometry=params.reconGeometry, views=params.reconViews,
                                          init=params.reconInit, iterations=params.reconIterations,
-                                         checkpoint=params.checkpointPath, device=device, start=start)
+                                         checkpoint=params.reconCheckpointPath, device=params.reconDevice,
+                                         start=start)
 
     def run_reconstruction(self, *, timeout: float | None = None, **kwargs):
         """Blocking path for batch scripts: the ``JobResult``; raises with the error lines on failure."""
@@ -117,3 +125,8 @@ class BackgroundLogic:
         if not result.ok:
             raise RuntimeError(result.error)
         return result
+
+
+def _value(choice) -> str:
+    """An enum parameter's token (``Device.CPU`` -> ``"cpu"``); strings pass through."""
+    return getattr(choice, "value", choice)

@@ -1,8 +1,14 @@
 """The module without the Slicer application: a real MRML scene from slicer-core, for batch scripts and tests.
 
 Inside the app everything here defers to it (``slicer.mrmlScene``, ``slicer.util.loadVolume``,
-``slicer.util.saveScene``); under plain Python (``pip install slicer-core``) it builds the scene the way
-trame-slicer does: application logic, colour nodes, volumes logic, optional slice views and an offscreen 3D view.
+``slicer.util.saveScene``, the layout's 3D view); under plain Python (``pip install slicer-core``) it builds the
+scene the way trame-slicer does: application logic, colour nodes, volumes logic, optional slice views and an
+offscreen 3D view.
+
+Pictures (:meth:`Session.render_3d`): in Slicer they come from the main window's 3D view, so they need Slicer's main
+window and therefore a display (Slicer's VTK has no EGL; on a server use ``xvfb-run``). Under plain Python VTK
+renders offscreen with EGL only if ``VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow`` was set *before* VTK was
+imported (``examples/slicer_batch_predict.py`` sets it first thing); setting it later has no effect.
 """
 from __future__ import annotations
 
@@ -11,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from medgmae_core.export.slicer_scene import new_scene, read_scene
+
+OFFSCREEN_HINT = ("3D pictures need a display, or EGL under plain Python: set VTK_DEFAULT_OPENGL_WINDOW="
+                  "vtkEGLRenderWindow before Python imports VTK (the batch script does this when it starts without a "
+                  "display), or run with a display (xvfb-run on a server)")
 
 
 def in_slicer_app() -> bool:
@@ -71,12 +80,19 @@ class Session:
 
     def render_3d(self, png: str | Path | None = None, size: tuple[int, int] = (480, 480),
                   azimuth: float = 30.0, elevation: float = 20.0) -> np.ndarray:
-        """Render the scene's models in a 3D view offscreen (EGL/OSMesa); returns ``[H, W, 3]`` uint8, saves a PNG."""
+        """Render the scene's models in a 3D view; returns ``[H, W, 3]`` uint8 and saves a PNG.
+
+        In Slicer: the main window's first 3D view (needs the main window, so a display). Under plain Python: an
+        offscreen render window (EGL when ``VTK_DEFAULT_OPENGL_WINDOW`` was set before VTK was imported, else the
+        display)."""
+        if in_slicer_app():
+            return _render_app_3d_view(png)
+        if not offscreen_possible():
+            raise RuntimeError(OFFSCREEN_HINT)
         import slicer
         import vtk
         from vtk.util import numpy_support
 
-        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
         view = self.scene.GetFirstNodeByClass("vtkMRMLViewNode") or self.scene.AddNewNodeByClass("vtkMRMLViewNode", "View1")
         view.SetLayoutName(view.GetLayoutName() or "1")
         view.SetBoxVisible(False)
@@ -117,6 +133,46 @@ class Session:
         return rgb
 
 
+def offscreen_possible(environ=None, platform: str | None = None) -> bool:
+    """Whether plain-Python VTK can open a render window here: EGL was chosen before VTK loaded, or there is a
+    display (always on Windows and macOS)."""
+    import sys
+    environ = os.environ if environ is None else environ
+    platform = platform or sys.platform
+    if not platform.startswith("linux"):
+        return True
+    return bool(environ.get("VTK_DEFAULT_OPENGL_WINDOW") or environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
+
+
+def _render_app_3d_view(png) -> np.ndarray:
+    """The first 3D view of Slicer's layout, as an image (qMRMLThreeDView.renderWindow + vtkWindowToImageFilter)."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    layout = slicer.app.layoutManager()
+    if layout is None:
+        raise RuntimeError("--png needs Slicer's main window and a display: run Slicer without --no-main-window "
+                           "(with xvfb-run on a server), or run the script with plain Python and slicer-core, which "
+                           "renders offscreen with EGL")
+    view = layout.threeDWidget(0).threeDView()
+    view.resetFocalPoint()
+    view.forceRender()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(view.renderWindow())
+    grab.ReadFrontBufferOff()
+    grab.Update()
+    image = grab.GetOutput()
+    w, h, _ = image.GetDimensions()
+    rgb = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[::-1, :, :3].copy()
+    if png is not None:
+        writer = vtk.vtkPNGWriter()
+        writer.SetFileName(str(png))
+        writer.SetInputConnection(grab.GetOutputPort())
+        writer.Write()
+    return rgb
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
@@ -130,6 +186,8 @@ def create_session(*, set_global: bool = True) -> Session:
     import slicer
     if in_slicer_app():
         return Session(slicer.mrmlScene, slicer.app.applicationLogic(), slicer.modules.volumes.logic())
+    from medgmae_core.export.slicer_scene import new_scene
+
     previous = getattr(slicer, "mrmlScene", None)
     hs = new_scene()  # sets slicer.mrmlScene, which slicer.util helpers use
     hs.app_logic.SetModuleLogic("Volumes", hs.volumes_logic)
@@ -141,6 +199,8 @@ def create_session(*, set_global: bool = True) -> Session:
 def load_mrb(path: str | Path):
     """Read a .mrb into a new scene (``export.slicer_scene.read_scene``); returns the scene."""
     import slicer
+    from medgmae_core.export.slicer_scene import read_scene
+
     previous = getattr(slicer, "mrmlScene", None)
     hs = read_scene(path)
     slicer.mrmlScene = previous  # reading must not replace the scene a script works on

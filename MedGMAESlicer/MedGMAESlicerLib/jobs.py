@@ -1,16 +1,22 @@
 """Background processes for long jobs (pre-train, fine-tune, reconstruct), never in Slicer's GUI thread.
 
-A :class:`BackgroundJob` starts ``python -m medgmae_core.cli <command> ... --progress-json`` in its own
-process group (POSIX session / Windows process group), reads the JSON progress lines of
-``medgmae_core.progress`` on reader threads, and hands them out through :meth:`BackgroundJob.poll`,
-which the widget calls from a ``qt.QTimer`` and tests call directly. :meth:`BackgroundJob.cancel`
-kills the whole process tree; :meth:`BackgroundJob.wait_for_completion` is the blocking path for
-batch scripts. Pure Python: no Qt, no slicer import.
+A :class:`BackgroundJob` starts ``python -m medgmae_core.cli <command> ... --progress-json`` (or the module's
+prediction worker) in its own process group (POSIX session / Windows process group, without a console window, as
+``slicer.util.launchConsoleProcess`` does with ``STARTUPINFO``), reads the JSON progress lines of
+``medgmae_core.progress`` on reader threads, and hands them out through :meth:`BackgroundJob.poll`, which the
+widget calls from a ``qt.QTimer`` and tests call directly.
+
+:meth:`BackgroundJob.cancel` returns at once: it asks the whole process tree to stop (SIGTERM / CTRL_BREAK, so
+``medgmae pretrain`` saves ``last.pt``), and :meth:`poll` kills what is left after a grace period (SIGKILL /
+``taskkill /T /F`` started without waiting). ``cancel(wait=True)`` and :meth:`wait_for_completion` are the
+blocking paths for batch scripts. The child finds ``medgmae_core`` and ``MedGMAESlicerLib`` wherever this process
+found them (the extension's bundled copy included) through ``PYTHONPATH``. Pure Python: no Qt, no slicer import.
 """
 from __future__ import annotations
 
 import collections
 import enum
+import importlib.util
 import json
 import os
 import queue
@@ -86,6 +92,45 @@ def cli_command(command: str, *args: str, python: str | None = None) -> list[str
     return argv
 
 
+def module_search_paths() -> list[str]:
+    """Folders a child process needs on ``sys.path``: the one holding ``medgmae_core`` (the extension's
+    bundled copy, or a source checkout) and the one holding ``MedGMAESlicerLib``. Finding the package's spec
+    does not import it (nor torch)."""
+    paths = []
+    spec = importlib.util.find_spec("medgmae_core")
+    if spec is not None and spec.submodule_search_locations:
+        paths.append(str(Path(list(spec.submodule_search_locations)[0]).resolve().parent))
+    module_dir = str(Path(__file__).resolve().parents[1])
+    if module_dir not in paths:
+        paths.append(module_dir)
+    return paths
+
+
+def job_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ``base`` (default ``os.environ``) with :func:`module_search_paths` first on
+    ``PYTHONPATH`` and unbuffered output."""
+    env = dict(os.environ if base is None else base)
+    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(module_search_paths() + existing))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def popen_platform_kwargs(windows: bool = IS_WINDOWS, sp=subprocess) -> dict[str, Any]:
+    """Own process group, and on Windows no console window.
+
+    Windows: a hidden console (``STARTUPINFO`` with ``STARTF_USESHOWWINDOW`` and ``wShowWindow = SW_HIDE``, as
+    ``slicer.util.launchConsoleProcess`` does in Base/Python/slicer/util.py) in a new process group, so
+    ``CTRL_BREAK_EVENT`` reaches the job and nothing flashes on screen. POSIX: a new session (pgid == pid).
+    """
+    if windows:
+        info = sp.STARTUPINFO()
+        info.dwFlags |= sp.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        return {"startupinfo": info, "creationflags": sp.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
 class BackgroundJob:
     """One child process whose stdout carries JSON progress lines.
 
@@ -101,7 +146,7 @@ class BackgroundJob:
                  on_progress: Callable[[float, dict], None] | None = None,
                  on_log: Callable[[str], None] | None = None,
                  on_finished: Callable[[JobResult], None] | None = None,
-                 stderr_lines: int = 40) -> None:
+                 stderr_lines: int = 40, cancel_grace: float = 15.0) -> None:
         if not argv:
             raise ValueError("BackgroundJob: argv is empty")
         self.argv = [str(a) for a in argv]
@@ -114,10 +159,15 @@ class BackgroundJob:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=stderr_lines)
         self.state = JobState.IDLE
         self.result: JobResult | None = None
+        self.context: Any = None  # what the starter needs when the job ends
         self._process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._cancel_requested = False
+        self._kill_at: float | None = None  # when a requested stop becomes a kill
+        self._killed = False
+        self._tree: list[int] = []  # descendants seen when cancel was requested
+        self.cancel_grace = cancel_grace
         self._started_at = 0.0
         self._exited_at: float | None = None
 
@@ -127,16 +177,17 @@ class BackgroundJob:
         kwargs.setdefault("name", command)
         return cls(cli_command(command, *args, python=python), **kwargs)
 
+    @classmethod
+    def module(cls, module: str, *args: str, python: str | None = None, **kwargs: Any) -> "BackgroundJob":
+        """``python -u -m <module> args...`` with Slicer's Python (e.g. the prediction worker)."""
+        kwargs.setdefault("name", module)
+        return cls([python or python_executable(), "-u", "-m", module, *map(str, args)], **kwargs)
+
     def start(self) -> "BackgroundJob":
         if self.state == JobState.RUNNING:
             raise RuntimeError(f"{self.name}: already running (pid {self.pid})")
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        popen_kwargs: dict[str, Any] = {}
-        if IS_WINDOWS:
-            popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            popen_kwargs["start_new_session"] = True  # own session and process group: pgid == pid
+        env = job_environment(self.env)
+        popen_kwargs = popen_platform_kwargs()
         try:
             self._process = subprocess.Popen(
                 self.argv, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -169,6 +220,11 @@ class BackgroundJob:
         return self.state == JobState.RUNNING
 
     @property
+    def is_cancelling(self) -> bool:
+        """Cancel was asked for and the process has not ended yet."""
+        return self._cancel_requested and self.state == JobState.RUNNING
+
+    @property
     def elapsed(self) -> float:
         return time.monotonic() - self._started_at if self._started_at else 0.0
 
@@ -197,6 +253,9 @@ class BackgroundJob:
                 self.on_event(record)
             if self.on_progress and record.get("event") == "progress":
                 self.on_progress(progress_fraction(record), record)
+        if self.is_cancelling and not self._killed and self._process is not None and self._process.poll() is None \
+                and time.monotonic() >= (self._kill_at or 0.0):
+            self._force_kill()  # the grace period is over: kill what is left, without waiting
         if self.state == JobState.RUNNING and self._process is not None and self._process.poll() is not None:
             self._exited_at = self._exited_at or time.monotonic()
             # Readers end at EOF; a leftover grandchild holding the pipes must not keep the job open forever.
@@ -206,6 +265,8 @@ class BackgroundJob:
         return new
 
     def _finish(self) -> None:
+        if self._cancel_requested and not IS_WINDOWS:
+            _signal_pids([p for p in self._tree if pid_alive(p)], signal.SIGKILL)  # stragglers that left the group
         rc = self._process.returncode
         if self._cancel_requested:
             state, error = JobState.CANCELLED, "cancelled by user"
@@ -236,23 +297,42 @@ class BackgroundJob:
             if self.result is not None:
                 break
             if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
+                self.cancel(grace=3.0, wait=True)
                 raise TimeoutError(f"{self.name}: no result after {timeout:.0f} s; job cancelled")
             time.sleep(interval)
         return self.result
 
     # ----------------------------------------------------------------- cancel
-    def cancel(self, grace: float = 3.0) -> JobResult | None:
-        """Kill the whole process tree (child, grandchildren, anything that left the group)."""
+    def cancel(self, grace: float | None = None, *, wait: bool = False) -> JobResult | None:
+        """Stop the whole process tree (child, grandchildren, anything that left the group).
+
+        Returns at once (the GUI path): the tree is asked to stop, and :meth:`poll` kills what is still running
+        ``grace`` seconds later (default :attr:`cancel_grace`). ``wait=True`` blocks until the job has ended and
+        returns its result (batch scripts, tests).
+        """
         if self._process is None or self.state != JobState.RUNNING:
             return self.result
-        self._cancel_requested = True
-        kill_process_tree(self._process, grace=grace)
-        deadline = time.monotonic() + 10.0
-        while self.result is None and time.monotonic() < deadline:
-            self.poll()
-            time.sleep(0.02)
+        if not self._cancel_requested:
+            self._cancel_requested = True
+            self._kill_at = time.monotonic() + (self.cancel_grace if grace is None else grace)
+            self._tree = [] if IS_WINDOWS else descendant_pids(self._process.pid)
+            request_stop(self._process, self._tree)
+        elif grace is not None:
+            self._kill_at = min(self._kill_at or float("inf"), time.monotonic() + grace)
+        if wait:
+            deadline = (self._kill_at or time.monotonic()) + 10.0
+            while self.result is None and time.monotonic() < deadline:
+                self.poll()
+                time.sleep(0.02)
         return self.result
+
+    def _force_kill(self) -> None:
+        self._killed = True
+        if IS_WINDOWS:
+            force_kill_windows(self._process.pid)
+            return
+        self._tree += [p for p in descendant_pids(self._process.pid) if p not in self._tree]
+        _signal_tree(self._process.pid, self._tree, signal.SIGKILL)
 
 
 def _parse_record(line: str) -> dict | None:
@@ -338,24 +418,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def kill_process_tree(process: subprocess.Popen, grace: float = 3.0) -> None:
-    """Terminate ``process`` and every descendant; SIGKILL whatever is left after ``grace`` seconds."""
+def request_stop(process: subprocess.Popen, tree: list[int]) -> None:
+    """Ask a job to stop without waiting: SIGTERM to its process group and every known descendant (POSIX), or
+    CTRL_BREAK_EVENT to its process group (Windows; the job was started with CREATE_NEW_PROCESS_GROUP)."""
     if IS_WINDOWS:
-        subprocess.run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True)
-        process.wait(timeout=max(grace, 1.0))
+        try:
+            os.kill(process.pid, signal.CTRL_BREAK_EVENT)
+        except OSError:
+            force_kill_windows(process.pid)
         return
-    stragglers = descendant_pids(process.pid)  # also those that called setsid and left the group
-    _signal_tree(process.pid, stragglers, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    stragglers += [p for p in descendant_pids(process.pid) if p not in stragglers]
-    _signal_tree(process.pid, stragglers, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + grace
-    while any(pid_alive(p) for p in stragglers) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _signal_tree(process.pid, tree, signal.SIGTERM)
+
+
+def force_kill_windows(pid: int, sp=subprocess) -> Any:
+    """``taskkill /PID pid /T /F`` started in the background (no console window, not waited for)."""
+    return sp.Popen(["taskkill", "/PID", str(pid), "/T", "/F"], stdin=sp.DEVNULL, stdout=sp.DEVNULL,
+                    stderr=sp.DEVNULL, **popen_platform_kwargs(True, sp))
 
 
 def _signal_tree(pgid: int, pids: list[int], sig: int) -> None:
@@ -363,6 +441,10 @@ def _signal_tree(pgid: int, pids: list[int], sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+    _signal_pids(pids, sig)
+
+
+def _signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)

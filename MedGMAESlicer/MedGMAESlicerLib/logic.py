@@ -2,9 +2,13 @@
 
 Every panel action is a method here with an ``interactive=False`` path (no dialogs, blocking jobs), so batch
 scripts and tests drive the same code as the buttons. The numerical work is ``medgmae_core``'s: masking
-(``model.vit.random_masking``), inference (``medgmae_core.inference``), coordinates (``medgmae_core.spatial``),
-glyphs (``medgmae_core.export.glyphs``), PLY / NIfTI writers (``medgmae_core.export``). This file only moves
-arrays in and out of MRML nodes.
+(``model.vit.random_masking``), inference (``medgmae_core.inference`` through :mod:`.prediction`), coordinates
+(``medgmae_core.spatial``), glyphs (``medgmae_core.export.glyphs``), PLY / NIfTI writers (``medgmae_core.export``).
+This file only moves arrays in and out of MRML nodes. The panel predicts in a background process
+(:meth:`MedGMAELogic.start_prediction`); scripts predict in-process (:meth:`MedGMAELogic.predict`); both run
+:func:`.prediction.run_prediction` and show the result with :meth:`MedGMAELogic.show_prediction`.
+
+Status messages are sentences for the person at the panel; timings go to the log.
 
 Array order: ``slicer.util.arrayFromVolume`` gives ``[K, J, I]``; ``medgmae_core`` indexes volumes ``[i, j, k]``
 with the node's IJKToRAS as affine, so arrays are transposed on the way in and out.
@@ -12,6 +16,7 @@ with the node's IJKToRAS as affine, so arrays are transposed on the way in and o
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +25,17 @@ from typing import Callable
 import numpy as np
 
 from .background import BackgroundLogic
+from .compat import translator
+from .jobs import BackgroundJob, JobResult
 from .parameters import MedGMAEParameters, is_set
+from .prediction import (PredictionCancelled, PredictionOutput, PredictionRequest, default_checkpoint,
+                         load_gaussian_model, run_prediction)
 
+_ = translator()
 log = logging.getLogger(__name__)
 
 MASK_LABEL = 1  # label value of hidden patches
-
-
-class PredictionCancelled(Exception):
-    """The user cancelled a running prediction."""
+__all__ = ["MedGMAELogic", "PredictionCancelled", "Prediction", "GlyphSettings", "default_checkpoint"]
 
 
 # ----------------------------------------------------------------------------- MRML helpers
@@ -68,15 +75,33 @@ def add_volume(scene, array_ijk_: np.ndarray, affine: np.ndarray, name: str, *, 
     return node
 
 
-def set_slice_layers(scene, *, background=None, foreground=None, label=None, foreground_opacity: float | None = None,
-                     label_opacity: float | None = None) -> int:
-    """Show volumes in every slice view of the scene (what ``slicer.util.setSliceViewerLayers`` does).
+def _composites(scene) -> list:
+    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
 
-    Works with the app's views and with headless slice views alike; returns the number of views updated
-    (0 when the scene has no slice views, e.g. in a bare batch scene).
+
+def _in_app_scene(scene) -> bool:
+    slicer = _slicer()
+    return getattr(slicer, "app", None) is not None and scene is getattr(slicer, "mrmlScene", None)
+
+
+def set_slice_layers(scene, *, background=None, foreground=None, label=None, foreground_opacity: float | None = None,
+                     label_opacity: float | None = None, fit: bool = False) -> int:
+    """Show volumes in every slice view of the scene; returns the number of views (slice composite nodes).
+
+    In the app this is ``slicer.util.setSliceViewerLayers(..., fit=fit)``, which also fits the views to the new
+    layers; on a headless slicer-core scene (no layout manager, nothing to fit) the composite nodes are set
+    directly, the way that function does.
     """
-    composites = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-                  for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    composites = _composites(scene)
+    if _in_app_scene(scene):
+        keep = "keep-current"
+        _slicer().util.setSliceViewerLayers(
+            background=background if background is not None else keep,
+            foreground=foreground if foreground is not None else keep,
+            label=label if label is not None else keep, foregroundOpacity=foreground_opacity,
+            labelOpacity=label_opacity, fit=fit)
+        return len(composites)
     for comp in composites:
         if background is not None:
             comp.SetBackgroundVolumeID(background.GetID())
@@ -200,9 +225,11 @@ class MedGMAELogic(BackgroundLogic):
             masked_node.GetDisplayNode().SetAutoWindowLevel(False)
             masked_node.GetDisplayNode().SetWindowLevel(source.GetWindow(), source.GetLevel())
         if show:
-            set_slice_layers(self.scene, background=masked_node, label=label_node, label_opacity=0.35)
+            set_slice_layers(self.scene, background=masked_node, label=label_node, label_opacity=0.35, fit=True)
         self.last_mask = MaskPreview(masked_node, label_node, mask, fill)
-        self.say(f"Masked {mask.mean():.0%} of {name} in {patch_size}-voxel patches (seed {seed}).")
+        self.say(_("Masked {fraction:.0%} of {name} in cubes of {size} voxels (random seed {seed}). The masked copy is "
+                   "shown with the hidden cubes in the label layer.").format(
+                       fraction=float(mask.mean()), name=name, size=patch_size, seed=seed))
         return self.last_mask
 
     def preview_mask_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False) -> MaskPreview:
@@ -212,78 +239,75 @@ class MedGMAELogic(BackgroundLogic):
     # ------------------------------------------------------------------ predict
     def load_model(self, checkpoint: str | Path | None, device: str = "auto"):
         """``(model, config)`` through ``medgmae_core.train.checkpoint.load_model``; cached per file and device."""
-        from medgmae_core.train.checkpoint import load_model
+        from .prediction import checkpoint_path, resolve_device
 
-        path = Path(checkpoint) if is_set(checkpoint) else default_checkpoint()
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist (choose a .pt file, or leave it empty for "
-                                    "the bundled demo weights)")
-        key = (str(path.resolve()), path.stat().st_mtime, self.resolve_device(device))
+        path = checkpoint_path(checkpoint)
+        key = (str(path.resolve()), path.stat().st_mtime, resolve_device(device))
         if self._model_key != key:
-            model, config = load_model(path, device=key[2])
-            if not config.is_gaussian:
-                raise ValueError(f"checkpoint {path}: a {config.objective!r} model predicts no Gaussians; choose a "
-                                 "MedGMAE (gaussian / gaussian_star) checkpoint")
-            self._model, self._model_config = model, config
+            self._model, self._model_config, self._model_path = load_gaussian_model(path, key[2])
             self._model_key = key
-            self._model_path = path
         return self._model, self._model_config
+
+    def prediction_request(self, volume_node, *, checkpoint=None, mode: str = "point", point_ras=None,
+                           mask_ratio: float = 0.0, seed: int = 0, device: str = "auto") -> PredictionRequest:
+        """The CT and settings as a :class:`PredictionRequest` (no node in it: it can go to another process)."""
+        mode, device = getattr(mode, "value", mode), getattr(device, "value", device)
+        MedGMAEParameters(maskRatio=mask_ratio, seed=seed, device=device, windowMode=mode)  # named range errors
+        return PredictionRequest(np.array(array_ijk(volume_node), dtype=np.float32), ijk_to_ras(volume_node),
+                                 checkpoint="" if not is_set(checkpoint) else str(checkpoint), mode=mode,
+                                 point_ras=point_ras, mask_ratio=mask_ratio, seed=seed, device=device)
 
     def predict(self, volume_node, *, checkpoint: str | Path | None = None, mode: str = "point",
                 point_ras=None, mask_ratio: float = 0.0, seed: int = 0, device: str = "auto",
                 glyph: GlyphSettings | None = None, prediction_opacity: float = 0.4, model=None,
                 progress: Callable[[float, str], bool | None] | None = None, interactive: bool = False) -> "Prediction":
-        """Predict Gaussians for one model window around ``point_ras`` (``mode="point"``; default: the volume
-        centre) or the whole volume (``mode="whole"``, sliding windows), and show them: glyph model node in RAS,
-        rendered prediction as the foreground layer, a table of the Gaussian parameters. ``model`` (an already
-        loaded model) replaces ``checkpoint``. ``progress(fraction, text)`` is called between stages and windows;
-        when it returns True the prediction stops with :class:`PredictionCancelled` and the scene is unchanged."""
-        import torch
-        from medgmae_core import inference, spatial
+        """Predict in this process and show the result (scripts and tests; the panel uses :meth:`start_prediction`).
+
+        One model window around ``point_ras`` (``mode="point"``; default: the volume centre) or the whole volume
+        (``mode="whole"``, sliding windows). ``model`` (an already loaded model) replaces ``checkpoint``.
+        ``progress(fraction, text)`` is called between stages and windows; when it returns True the prediction
+        stops with :class:`PredictionCancelled` and the scene is unchanged."""
+        request = self.prediction_request(volume_node, checkpoint=checkpoint, mode=mode, point_ras=point_ras,
+                                          mask_ratio=mask_ratio, seed=seed, device=device)
+        label = None
+        if model is None:
+            t0 = time.perf_counter()
+            model, _config = self.load_model(checkpoint, device)
+            label, load_seconds = str(self._model_path), time.perf_counter() - t0
+        output = run_prediction(request, model=model, checkpoint_label=label,
+                                progress=(lambda f, t: progress(0.92 * f, t)) if progress is not None else None)
+        if label is not None:
+            output.timings["load model"] = round(load_seconds, 3)
+        if progress is not None and progress(0.92, "building glyphs"):  # the last chance to cancel
+            raise PredictionCancelled("prediction cancelled")
+        prediction = self.show_prediction(volume_node, output, glyph=glyph, prediction_opacity=prediction_opacity)
+        if progress is not None:
+            progress(1.0, "done")
+        return prediction
+
+    def show_prediction(self, volume_node, output: PredictionOutput, *, glyph: GlyphSettings | None = None,
+                        prediction_opacity: float = 0.4) -> "Prediction":
+        """Turn a :class:`PredictionOutput` into nodes: ellipsoid glyph model in RAS, rendered prediction as the
+        foreground layer (fitted in the slice views), a table of the Gaussian parameters. Re-runs on the same CT
+        reuse their nodes."""
+        from medgmae_core import spatial
         from medgmae_core.data.transforms import HU_WINDOW
 
-        if mode not in ("point", "whole"):
-            raise ValueError(f"window mode must be 'point' or 'whole', got {mode!r}")
-        MedGMAEParameters(maskRatio=mask_ratio, seed=seed, device=device)
-        timings = Timings()
-        def report(fraction: float, text: str = "") -> None:
-            if progress is not None and progress(fraction, text):  # a true return value asks to stop
-                raise PredictionCancelled("prediction cancelled")
-
-        if model is None:
-            with timings("load model"):
-                model, _ = self.load_model(checkpoint, device)
-            checkpoint = self._model_path
-        report(0.05, "preparing CT")
-        with timings("prepare"):
-            prepared = inference.prepare_ct(array_ijk(volume_node), ijk_to_ras(volume_node))
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(int(seed))
-        with timings("predict"):
-            if mode == "point":
-                window = inference.predict_window(model, prepared, centre_ras=point_ras, mask_ratio=mask_ratio,
-                                                  generator=generator)
-                gaussians = window.gaussians
-                with torch.no_grad():
-                    rendered = model.render(window.window_gaussians.to(next(model.parameters()).device))
-                pred = rendered[0, 0].cpu().numpy()
-                pred_affine = spatial.check_affine(prepared.ijk_to_ras) @ _translation(window.offset)
-            else:
-                result = inference.predict_volume(model, prepared, mask_ratio=mask_ratio, stitch=True,
-                                                  generator=generator,
-                                                  progress=lambda done, total: report(0.1 + 0.8 * done / total,
-                                                                                      f"window {done}/{total}"))
-                gaussians, pred, pred_affine = result.gaussians, result.pred.cpu().numpy(), prepared.ijk_to_ras
-        report(0.92, "building glyphs")  # the last chance to cancel: the scene is changed from here on
-        centres_ras, axes_ras = spatial.gaussians_to_world(gaussians, prepared.shape, prepared.ijk_to_ras)
+        if volume_node is None or volume_node.GetScene() is not self.scene:
+            raise ValueError(_("the CT this prediction was made for is no longer in the scene"))
+        t0 = time.perf_counter()
+        gaussians = output.gaussians()
+        centres_ras, axes_ras = spatial.gaussians_to_world(gaussians, output.grid_shape, output.grid_affine)
         intensities = gaussians.intensities.detach().reshape(-1).cpu().double().numpy()
-        prediction = Prediction(volume_node, centres_ras, axes_ras, intensities, mode=mode,
-                                checkpoint=str(checkpoint or ""), timings=timings, gaussians=gaussians,
-                                grid_shape=prepared.shape, grid_affine=prepared.ijk_to_ras)
+        prediction = Prediction(volume_node, centres_ras, axes_ras, intensities, mode=output.mode,
+                                checkpoint=output.checkpoint, timings=Timings(dict(output.timings)),
+                                gaussians=gaussians, grid_shape=tuple(output.grid_shape),
+                                grid_affine=np.asarray(output.grid_affine), windows=output.windows)
         lo, hi = HU_WINDOW
         name = volume_node.GetName()
         transform_id = volume_node.GetTransformNodeID()
         old = self.last_prediction if self.last_prediction and self.last_prediction.volume_node is volume_node else None
-        prediction.prediction_node = add_volume(self.scene, lo + pred * (hi - lo), pred_affine,
+        prediction.prediction_node = add_volume(self.scene, lo + output.pred * (hi - lo), output.pred_affine,
                                                 f"{name} MedGMAE prediction",
                                                 node=old.prediction_node if old else None,
                                                 parent_transform_id=transform_id)
@@ -293,37 +317,80 @@ class MedGMAELogic(BackgroundLogic):
             display.SetWindowLevelMinMax(lo, hi)
         prediction.glyph = glyph or GlyphSettings()
         prediction.model_node = old.model_node if old else None
-        with timings("glyphs"):
-            self._update_glyphs(prediction, force=True)
+        self._update_glyphs(prediction, force=True)
         prediction.table_node = self._update_table(prediction, old.table_node if old else None)
+        prediction.prediction_opacity = float(prediction_opacity)
         set_slice_layers(self.scene, background=volume_node, foreground=prediction.prediction_node,
-                         foreground_opacity=prediction_opacity)
+                         foreground_opacity=prediction_opacity, fit=True)
+        prediction.timings.values["show"] = round(time.perf_counter() - t0, 3)
         self.last_prediction = prediction
-        if progress is not None:
-            progress(1.0, "done")
+        log.info("MedGMAE prediction for %s (%s): %s", name, output.checkpoint, prediction.timings.text())
         self.say(self.status_text())
         return prediction
 
+    def window_point_ras(self, params: MedGMAEParameters):
+        """The window centre for ``windowMode`` point: the *newest* control point of the chosen point list, in the
+        input volume's RAS (through its parent transform); None (the volume centre) when there is none."""
+        points = params.windowPoint
+        if getattr(params.windowMode, "value", params.windowMode) != "point" or points is None:
+            return None
+        count = points.GetNumberOfControlPoints()
+        if count == 0:
+            return None
+        point = [0.0, 0.0, 0.0]
+        points.GetNthControlPointPositionWorld(count - 1, point)
+        if params.inputVolume is not None and params.inputVolume.GetParentTransformNode() is not None:
+            import vtk
+            to_local = vtk.vtkGeneralTransform()
+            params.inputVolume.GetParentTransformNode().GetTransformFromWorld(to_local)
+            point = list(to_local.TransformPoint(point))
+        return point
+
+    def request_from_parameters(self, params: MedGMAEParameters) -> PredictionRequest:
+        if params.inputVolume is None:
+            raise ValueError(_("input CT volume: choose a CT volume in the Mask section"))
+        return self.prediction_request(params.inputVolume, checkpoint=params.checkpointPath, mode=params.windowMode,
+                                       point_ras=self.window_point_ras(params),
+                                       mask_ratio=params.maskRatio if params.predictFromMasked else 0.0,
+                                       seed=params.seed, device=params.device)
+
     def predict_from_parameters(self, params: MedGMAEParameters, *, interactive: bool = False,
-                                progress: Callable[[float, str], None] | None = None) -> "Prediction":
-        point = None
-        if params.windowMode == "point" and params.windowPoint is not None \
-                and params.windowPoint.GetNumberOfControlPoints() > 0:
-            point = [0.0, 0.0, 0.0]
-            params.windowPoint.GetNthControlPointPositionWorld(0, point)
-            if params.inputVolume.GetParentTransformNode() is not None:  # world -> the volume's RAS
-                import vtk
-                to_local = vtk.vtkGeneralTransform()
-                params.inputVolume.GetParentTransformNode().GetTransformFromWorld(to_local)
-                point = list(to_local.TransformPoint(point))
+                                progress: Callable[[float, str], None] | None = None) -> "Prediction | str":
+        """In-process prediction with the panel's settings (scripts); the panel itself uses :meth:`start_prediction`."""
         try:
             return self.predict(params.inputVolume, checkpoint=params.checkpointPath, mode=params.windowMode,
-                                point_ras=point, mask_ratio=params.maskRatio if params.predictFromMasked else 0.0,
+                                point_ras=self.window_point_ras(params),
+                                mask_ratio=params.maskRatio if params.predictFromMasked else 0.0,
                                 seed=params.seed, device=params.device, glyph=GlyphSettings.from_parameters(params),
                                 prediction_opacity=params.predictionOpacity, progress=progress,
                                 interactive=interactive)
         except PredictionCancelled:
-            return self.say("Prediction cancelled.")
+            return self.say(_("Prediction cancelled."))
+
+    def start_prediction(self, params: MedGMAEParameters, *, start: bool = True) -> BackgroundJob:
+        """The Predict button: the prediction runs in a background process (``python -m
+        MedGMAESlicerLib.prediction``), so the torch import, model load and forward pass never block Slicer; the
+        job reports progress and can be cancelled. :meth:`finish_prediction` shows its result."""
+        request = self.request_from_parameters(params)
+        folder = Path(tempfile.mkdtemp(prefix="medgmae_predict_"))
+        request_path, output_path = request.save(folder / "request.npz"), folder / "output.npz"
+        job = BackgroundJob.module("MedGMAESlicerLib.prediction", str(request_path), str(output_path),
+                                   name=_("prediction"), cwd=str(folder))
+        job.context = PredictionJobContext(params.inputVolume, output_path, GlyphSettings.from_parameters(params),
+                                           params.predictionOpacity)
+        return job.start() if start else job
+
+    def finish_prediction(self, job: BackgroundJob, result: JobResult | None = None) -> str:
+        """Show what a finished prediction job computed; returns the status sentence."""
+        ctx: PredictionJobContext = job.context
+        try:
+            if ctx.volume_node is None or ctx.volume_node.GetScene() is not self.scene:
+                return self.say(_("The scene was closed while predicting; the result was discarded."))
+            output = PredictionOutput.load(ctx.output_path)
+            self.show_prediction(ctx.volume_node, output, glyph=ctx.glyph, prediction_opacity=ctx.prediction_opacity)
+            return self.last_message
+        finally:
+            _remove_folder(ctx.output_path.parent)
 
     # ------------------------------------------------------------------ display
     def _update_glyphs(self, prediction: "Prediction", force: bool = False) -> None:
@@ -368,8 +435,13 @@ class MedGMAELogic(BackgroundLogic):
             opacity=s.opacity if opacity is None else opacity, resolution=s.resolution if resolution is None else resolution,
             threshold=s.threshold if threshold is None else threshold, sigma=s.sigma if sigma is None else sigma)
         self._update_glyphs(prediction)
-        if prediction_opacity is not None:
-            set_slice_layers(self.scene, foreground_opacity=prediction_opacity)
+        if prediction_opacity is not None and float(prediction_opacity) != prediction.prediction_opacity:
+            # only the slice views that show this prediction; the user's other views keep their opacity
+            for comp in _composites(self.scene):
+                if prediction.prediction_node is not None and \
+                        comp.GetForegroundVolumeID() == prediction.prediction_node.GetID():
+                    comp.SetForegroundOpacity(float(prediction_opacity))
+            prediction.prediction_opacity = float(prediction_opacity)
 
     def update_display_from_parameters(self, params: MedGMAEParameters) -> None:
         g = GlyphSettings.from_parameters(params)
@@ -470,18 +542,23 @@ class MedGMAELogic(BackgroundLogic):
             chart.SetYAxisTitle("PSNR (dB)")
             self.last_reconstruction.psnr_table, self.last_reconstruction.chart = table, chart
             _show_chart(chart)
-        set_slice_layers(self.scene, background=node)
-        final = f", PSNR {metrics['psnr']:.2f} dB" if isinstance(metrics.get("psnr"), (int, float)) else ""
-        return self.say(f"Loaded {volume_path.name} from {folder}{final}.")
+        set_slice_layers(self.scene, background=node, fit=True)
+        final = _(" Its PSNR against the reference is {psnr:.2f} dB.").format(psnr=metrics["psnr"]) \
+            if isinstance(metrics.get("psnr"), (int, float)) else ""
+        return self.say(_("The reconstruction is shown in the slice views ({file} from {folder}).").format(
+            file=volume_path.name, folder=folder) + final)
 
     def status_text(self) -> str:
+        """What the last prediction shows, in words (the timings are in the log)."""
         p = self.last_prediction
         if p is None:
-            return "No prediction yet."
-        where = "one model window" if p.mode == "point" else "the whole volume"
-        return (f"{len(p.intensities)} Gaussians over {where} ({p.shown} shown with intensity >= "
-                f"{p.glyph.threshold:.0%} of the strongest, "
-                f"{p.glyph.sigma} sigma). Timings: {p.timings.text()}.")
+            return _("No prediction yet.")
+        where = _("one model window around the chosen point") if p.mode == "point" else \
+            _("the whole volume ({count} overlapping windows)").format(count=p.windows)
+        return _("{n} Gaussians predicted over {where}. {shown} are drawn as ellipsoids at {sigma} standard "
+                 "deviations (those at least {threshold:.0%} as bright as the brightest); the rendered prediction "
+                 "is shown over the CT.").format(n=len(p.intensities), where=where, shown=p.shown, sigma=p.glyph.sigma,
+                                                 threshold=p.glyph.threshold)
 
 
 def _safe_name(name: str) -> str:
@@ -522,6 +599,10 @@ class GlyphSettings:
     def from_parameters(cls, params: MedGMAEParameters) -> "GlyphSettings":
         return cls(params.glyphOpacity, params.glyphResolution, params.intensityThreshold, params.glyphSigma)
 
+    def geometry(self) -> tuple:
+        """What needs the glyph polydata rebuilt (opacity does not)."""
+        return self.resolution, self.threshold, self.sigma
+
 
 @dataclass
 class Prediction:
@@ -542,6 +623,8 @@ class Prediction:
     gaussians: object = None  # GaussianSet in normalised coords of the prepared grid
     grid_shape: tuple | None = None
     grid_affine: np.ndarray | None = None
+    windows: int = 1
+    prediction_opacity: float = 0.4
 
     def intensity_cut(self) -> float:
         """The absolute intensity the threshold (a fraction of the strongest Gaussian) corresponds to."""
@@ -549,10 +632,15 @@ class Prediction:
         return self.glyph.threshold * top
 
 
-def default_checkpoint() -> Path:
-    """The bundled demo weights (``medgmae_core.demo.BUNDLED_WEIGHTS``; demo weights, not the paper's)."""
-    from medgmae_core.demo import BUNDLED_WEIGHTS
-    if not BUNDLED_WEIGHTS.is_file():
-        raise FileNotFoundError(f"the bundled demo weights are missing ({BUNDLED_WEIGHTS}); choose a checkpoint file")
-    return BUNDLED_WEIGHTS
+@dataclass
+class PredictionJobContext:
+    """What the panel needs to show a background prediction when it finishes."""
+    volume_node: object
+    output_path: Path
+    glyph: GlyphSettings
+    prediction_opacity: float
 
+
+def _remove_folder(folder: Path) -> None:
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)

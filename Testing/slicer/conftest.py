@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGMAESlicer"))
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A tiny MedGMAE (24 Gaussians, 32^3 window) with random weights, saved through medgmae_core.train.checkpoint."""
+    """A tiny MedGMAE (24 Gaussian queries, 32^3 window) with random weights, saved through medgmae_core.train.checkpoint."""
     from MedGMAESlicerLib.selftest import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")

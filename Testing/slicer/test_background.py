@@ -23,11 +23,13 @@ def test_training_commands(tmp_path):
     ft = logic.training_command(command="finetune", data_folder=tmp_path, out_dir=tmp_path, steps=5, device="auto",
                                 pretrained=tmp_path / "enc.pt")
     assert ft[:2] == ["finetune", "--data"] and "--progress-json" in ft and ft[-2:] == ["--encoder", str(tmp_path / "enc.pt")]
-    assert ft[ft.index("--device") + 1] in ("cpu", "cuda")  # 'auto' resolved: finetune takes a concrete device
+    assert ft[ft.index("--device") + 1] == "auto"  # pretrain/finetune resolve it (no torch import in Slicer's GUI)
     with pytest.raises(FileNotFoundError, match="training data folder /no/such/dir does not exist"):
         logic.training_command(data_folder="/no/such/dir", out_dir=tmp_path)
     with pytest.raises(ValueError, match="training output folder"):
         logic.training_command(data_folder=tmp_path, out_dir=Path())
+    with pytest.raises(ValueError, match="training data: choose a folder"):
+        logic.training_command(data_folder="", out_dir=tmp_path)
     with pytest.raises(ValueError, match="parameter trainConfig"):
         logic.training_command(data_folder=tmp_path, out_dir=tmp_path, config="huge")
 
@@ -55,7 +57,8 @@ def test_reconstruction_result_loading(session, tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"psnr": 30.5, "history": history}))
     logic = MedGMAELogic(session.scene)
     text = logic.load_reconstruction_result(tmp_path)
-    assert "PSNR 30.50 dB" in text
+    assert text.startswith("The reconstruction is shown in the slice views") and "PSNR" in text
+    assert text.endswith("Its PSNR against the reference is 30.50 dB.")
     rec = logic.last_reconstruction
     assert np.allclose(array_ijk(rec.volume_node), volume)
     assert rec.psnr_table.GetNumberOfRows() == 3
@@ -84,7 +87,7 @@ def test_real_pretraining_in_background_cancel_and_resume(tmp_path, monkeypatch)
     assert progress and progress == sorted(progress) and all(isinstance(e.get("loss"), float)
                                                              for e in job.events if e["event"] == "progress")
     pid = job.pid
-    result = job.cancel()
+    result = job.cancel(wait=True)  # SIGTERM: pretrain saves last.pt and exits
     assert result.state == JobState.CANCELLED and not pid_alive(pid)
     seen = load_checkpoint(result.checkpoints()[-1])["step"]  # a checkpoint the panel reported: usable
     step = load_checkpoint(tmp_path / "last.pt")["step"]  # what --resume auto continues from (also written on SIGTERM)
@@ -114,6 +117,33 @@ def test_parameters_drive_the_panels(session, tmp_path):
     assert sys.executable == job.argv[0]
 
 
+def test_each_panel_owns_its_inputs(session, tmp_path, monkeypatch):
+    """Reconstruct uses its own device and checkpoint, fine-tuning its own encoder; nothing comes from Predict's
+    checkpoint or from the Train panel's device."""
+    from MedGMAESlicerLib.logic import add_volume
+    from MedGMAESlicerLib.parameters import Device
+
+    vol = add_volume(session.scene, np.full((8, 8, 8), 40.0, np.float32), np.eye(4), "ct")
+    logic = MedGMAELogic(session.scene)
+    # "cuda" is checked against torch.cuda where it is asked for; this machine has none
+    monkeypatch.setattr(logic, "resolve_device", lambda device="auto": "cpu" if device == "auto" else device)
+    predict_ckpt, recon_ckpt, encoder = tmp_path / "predict.pt", tmp_path / "recon.pt", tmp_path / "encoder.pt"
+    params = MedGMAEParameters(inputVolume=vol, checkpointPath=str(predict_ckpt), trainDataFolder=str(tmp_path),
+                               trainOutputFolder=str(tmp_path / "t"), trainCommand="finetune", trainDevice="cuda",
+                               finetuneEncoderPath=str(encoder), reconOutputFolder=str(tmp_path / "r"),
+                               reconCheckpointPath=str(recon_ckpt), reconDevice=Device.CPU)
+    train = logic.start_training_from_parameters(params, start=False)
+    recon = logic.start_reconstruction_from_parameters(params, start=False)
+    assert train.argv[train.argv.index("--encoder") + 1] == str(encoder) and str(predict_ckpt) not in train.argv
+    assert train.argv[train.argv.index("--device") + 1] == "cuda"
+    assert recon.argv[recon.argv.index("--checkpoint") + 1] == str(recon_ckpt) and str(predict_ckpt) not in recon.argv
+    assert recon.argv[recon.argv.index("--device") + 1] == "cpu"
+    # empty: fine-tuning trains from scratch, reconstruction uses the bundled demo weights (the CLI's default)
+    params = MedGMAEParameters(**{**vars(params), "finetuneEncoderPath": "", "reconCheckpointPath": ""})
+    assert "--encoder" not in logic.start_training_from_parameters(params, start=False).argv
+    assert "--checkpoint" not in logic.start_reconstruction_from_parameters(params, start=False).argv
+
+
 @pytest.mark.slow
 def test_real_reconstruction_in_background(session, small_real_ct, tmp_path, monkeypatch):
     """``medgmae reconstruct`` from the loaded CT as the panel runs it; the result comes back as nodes."""
@@ -129,7 +159,7 @@ def test_real_reconstruction_in_background(session, small_real_ct, tmp_path, mon
     steps = [e["step"] for e in result.events if e["event"] == "progress"]
     assert steps == sorted(steps) and steps[-1] == 4
     text = logic.load_reconstruction_result(result)
-    assert f"PSNR {result.outputs()['psnr']:.2f} dB" in text
+    assert f"PSNR against the reference is {result.outputs()['psnr']:.2f} dB" in text
     rec = logic.last_reconstruction
     assert array_ijk(rec.volume_node).shape == (48, 48, 16)
     assert rec.psnr_table.GetNumberOfRows() == len([e for e in result.events if "psnr" in e and e["event"] == "progress"])

@@ -1,6 +1,7 @@
 """The background job runner with real child processes: ordered progress, whole-tree cancel, crash reports."""
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import time
@@ -10,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGMAESlicer"))
 
-from MedGMAESlicerLib.jobs import BackgroundJob, JobState, cli_command, pid_alive, progress_fraction  # noqa: E402
+from MedGMAESlicerLib.jobs import (BackgroundJob, JobState, cli_command, job_environment, pid_alive,  # noqa: E402
+                                   popen_platform_kwargs, progress_fraction)
 
 
 def _script(tmp_path: Path, name: str, body: str) -> Path:
@@ -79,7 +81,7 @@ def test_cancel_kills_whole_tree(tmp_path):
     grand_pids = [int(p) for p in pid_file.read_text().split()]
     pids = [job.pid, *grand_pids]
     assert all(pid_alive(p) for p in pids), "tree not running before cancel"
-    result = job.cancel(grace=2.0)
+    result = job.cancel(grace=2.0, wait=True)
     assert result is not None and result.state == JobState.CANCELLED
     end = time.monotonic() + 5
     while any(pid_alive(p) for p in pids) and time.monotonic() < end:
@@ -142,3 +144,69 @@ def test_jobs_run_with_slicers_python(tmp_path, monkeypatch):
     assert python_executable() == str(launcher)
     fake.app = None  # slicer-core: no application
     assert python_executable() == sys.executable
+
+
+def test_cancel_returns_at_once_and_kills_after_the_grace_period(tmp_path):
+    """The GUI's Cancel: no waiting in the click. A job that ignores SIGTERM is killed by poll() after the grace
+    period; one that honours it (``medgmae pretrain`` saves and exits) ends by itself before."""
+    child = _script(tmp_path, "stubborn.py", """
+        import json, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(json.dumps({"event": "start", "total": 10}), flush=True)
+        time.sleep(120)
+    """)
+    job = BackgroundJob([sys.executable, str(child)], name="stubborn").start()
+    deadline = time.monotonic() + 30
+    while not job.events and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    assert job.cancel(grace=1.0) is None  # not finished yet: the call did not wait
+    assert time.monotonic() - t0 < 0.5 and job.is_cancelling and job.is_running
+    time.sleep(0.3)
+    job.poll()
+    assert job.is_cancelling and pid_alive(job.pid)  # SIGTERM ignored, grace not over: still there
+    while job.result is None and time.monotonic() - t0 < 20:
+        job.poll()
+        time.sleep(0.05)
+    assert job.result.state == JobState.CANCELLED and 1.0 <= time.monotonic() - t0 < 15
+    assert not pid_alive(job.pid)
+
+
+def test_windows_jobs_have_no_console_window_and_kill_without_waiting():
+    """What ``slicer.util.launchConsoleProcess`` does on Windows (Base/Python/slicer/util.py): STARTUPINFO with
+    STARTF_USESHOWWINDOW and SW_HIDE; plus a new process group for CTRL_BREAK. taskkill runs in the background."""
+    import types
+
+    from MedGMAESlicerLib import jobs
+
+    class StartupInfo:
+        def __init__(self):
+            self.dwFlags, self.wShowWindow = 0, 1
+
+    started = []
+    fake = types.SimpleNamespace(STARTUPINFO=StartupInfo, STARTF_USESHOWWINDOW=1, CREATE_NEW_PROCESS_GROUP=0x200,
+                                 DEVNULL=-3, Popen=lambda argv, **kw: started.append((argv, kw)) or "proc")
+    kwargs = popen_platform_kwargs(windows=True, sp=fake)
+    assert kwargs["creationflags"] == 0x200 and "start_new_session" not in kwargs
+    assert kwargs["startupinfo"].dwFlags & 1 and kwargs["startupinfo"].wShowWindow == 0
+    assert jobs.force_kill_windows(4242, sp=fake) == "proc"
+    argv, kw = started[0]
+    assert argv == ["taskkill", "/PID", "4242", "/T", "/F"] and kw["startupinfo"].wShowWindow == 0
+    assert popen_platform_kwargs(windows=False) == {"start_new_session": True}
+
+
+def test_children_find_the_library_wherever_this_process_found_it(tmp_path):
+    """An installed extension bundles medgmae_core next to the module: the job's PYTHONPATH names that folder
+    (and the module's), before anything already there."""
+    import importlib.util
+
+    env = job_environment({"PYTHONPATH": "/already/there", "X": "1"})
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    core_parent = str(Path(importlib.util.find_spec("medgmae_core").submodule_search_locations[0]).parent)
+    module_dir = str(Path(__file__).resolve().parents[2] / "MedGMAESlicer")
+    assert paths == [core_parent, module_dir, "/already/there"] and env["X"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    job = BackgroundJob.module("MedGMAESlicerLib.prediction", "--help", python=sys.executable, cwd=tmp_path)
+    done = job.wait_for_completion(timeout=120)  # run from elsewhere: it imports MedGMAESlicerLib via PYTHONPATH
+    assert done.returncode == 0 and job.log_lines[0].startswith("usage: MedGMAESlicerLib.prediction"), list(job.log_lines)

@@ -1,221 +1,246 @@
-"""MedGMAESlicer.py's widget wired to stand-ins for PythonQt, Slicer's module base classes and parameterNodeWrapper.
+"""MedGMAESlicer.py and its panel, opened the way Slicer opens them.
 
-The real app cannot run here, so this drives the module file's own code (setup, buttons, parameter observers,
-Apply/Cancel) on a real slicer-core scene with fake widgets built from the .ui file's object names.
+The application parts slicer-core lacks come from ``slicer_app_standin.py`` (PythonQt widgets built from the .ui
+file, ``ScriptedLoadableModule``, the parameter node wrapper, ``slicer.app``), each mirroring Slicer's source; the
+MRML scene and ``slicer.util`` (``loadUI``, ``childWidgetVariables``, ``tryWithErrorDisplay``,
+``confirmOkCancelDisplay``, ``setSliceViewerLayers``...) are slicer-core's real ones.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
+import ast
+import importlib.metadata
+import logging
+import re
 import sys
-import types
-import xml.etree.ElementTree as ET
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+import slicer_app_standin as standin
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Signal:
-    def __init__(self):
-        self.slots = []
-
-    def connect(self, slot):
-        self.slots.append(slot)
-
-    def emit(self, *args):
-        for slot in list(self.slots):
-            slot(*args)
-
-
-class FakeWidget:
-    def __init__(self, name, cls, text=""):
-        self.objectName, self.className, self.text = name, cls, text
-        self.enabled, self.visible, self.value = True, True, 0
-        for signal in ("clicked", "currentNodeChanged", "valueChanged", "timeout"):
-            setattr(self, signal, Signal())
-
-    def setText(self, text):
-        self.text = text
-
-    def setMRMLScene(self, scene):
-        self.scene = scene
-
-    def setCurrentNode(self, node):
-        self.currentNode = node
-
-    # QTimer
-    def setInterval(self, ms):
-        self.interval = ms
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-
-def fake_ui(path):
-    root = ET.parse(path).getroot()
-    ui = types.SimpleNamespace()
-    for w in root.iter("widget"):
-        text = next((p.findtext("string") for p in w.findall("property") if p.get("name") == "text"), "") or ""
-        setattr(ui, w.get("name"), FakeWidget(w.get("name"), w.get("class"), text))
-    return ui
-
-
-class FakeWrapperBase:
-    """Just enough of slicer.parameterNodeWrapper: typed attributes stored in the scripted module node."""
-
-    def __init__(self, node):
-        from MedGMAESlicerLib.parameters import MedGMAEParameters
-        object.__setattr__(self, "parameterNode", node)
-        if not node.GetParameter("maskRatio"):
-            MedGMAEParameters().write_to_node(node)
-
-    def __getattr__(self, name):
-        from MedGMAESlicerLib.parameters import MedGMAEParameters
-        return getattr(MedGMAEParameters.read_from_node(self.parameterNode), name)
-
-    def __setattr__(self, name, value):
-        from MedGMAESlicerLib.parameters import MedGMAEParameters
-        params = MedGMAEParameters.read_from_node(self.parameterNode)
-        setattr(params, name, value)
-        params.validate().write_to_node(self.parameterNode)  # fires ModifiedEvent like the real wrapper
-
-    def connectGui(self, ui):
-        return 1
-
-    def disconnectGui(self, tag):
-        pass
-
-    def AddObserver(self, event, callback, priority=0.0):
-        return self.parameterNode.AddObserver(event, callback, priority)
-
-    def RemoveObserver(self, tag):
-        self.parameterNode.RemoveObserver(tag)
+MODULE_FILE = REPO / "MedGMAESlicer" / "MedGMAESlicer.py"
 
 
 @pytest.fixture()
-def widget_module(monkeypatch, session):
-    import slicer
-    import typing
-
+def app(monkeypatch, session):
     from MedGMAESlicerLib import parameters
 
-    def parameterNodeWrapper(cls):
-        hints = typing.get_type_hints(cls, include_extras=True)
-        assert list(hints) == list(parameters.field_specs())
-        return type(cls.__name__, (FakeWrapperBase,), {})
-
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = parameterNodeWrapper
-    pnw.WithinRange = lambda lo, hi: ("range", lo, hi)
-    pnw.Choice = lambda choices: ("choice", tuple(choices))
-
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-            self.layout = types.SimpleNamespace(widgets=[], addWidget=lambda w: self.layout.widgets.append(w))
-
-        def setup(self):
-            pass
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-        def getParameterNode(self):
-            node = slicer.mrmlScene.GetSingletonNode("MedGMAESlicer", "vtkMRMLScriptedModuleNode")
-            if node is None:
-                node = slicer.vtkMRMLScriptedModuleNode()
-                node.SetSingletonTag("MedGMAESlicer")
-                node = slicer.mrmlScene.AddNode(node)
-            return node
-
-    class ScriptedLoadableModuleTest:
-        def delayDisplay(self, message, msec=0):
-            print(message)
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
-        setattr(slm, cls.__name__, cls)
-
-    qt = types.ModuleType("qt")
-    qt.QTimer = lambda: FakeWidget("timer", "QTimer")
-    qt.QIcon = lambda path: ("icon", path)
-
-    errors = []
-
-    @contextlib.contextmanager
-    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
-        try:
-            yield
-        except Exception as exc:  # the app shows a dialog; record it
-            errors.append(f"{message} {exc}")
-
-    ui_root = FakeWidget("MedGMAESlicer", "qMRMLWidget")
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(processEvents=lambda: None, slicerHome="/nonexistent"),
-                        raising=False)
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: ui_root)
-    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda root: fake_ui(path=REPO / "Resources" / "UI" / "MedGMAESlicer.ui"))
-    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", tryWithErrorDisplay)
+    monkeypatch.setattr(parameters, "_connector_registered", False)
     parameters.parameter_node_wrapper_class.cache_clear()
-    monkeypatch.syspath_prepend(str(REPO / "MedGMAESlicer"))
-    sys.modules.pop("MedGMAESlicer", None)
-    mod = importlib.import_module("MedGMAESlicer")
-    yield mod, errors
+    application = standin.install(monkeypatch, module_path=MODULE_FILE)
+    yield application
     sys.modules.pop("MedGMAESlicer", None)
     parameters.parameter_node_wrapper_class.cache_clear()
 
 
-def test_widget_mask_predict_display_and_train(widget_module, session, tiny_checkpoint, tmp_path):
+def _pump(timer, until, seconds=300.0):
+    """Let the event loop run the poll timer until ``until()``."""
+    end = time.monotonic() + seconds
+    while not until() and time.monotonic() < end:
+        timer.fire()
+        time.sleep(0.05)
+    assert until(), "timed out"
+
+
+def _blob(session, name="ct"):
     from MedGMAESlicerLib.logic import add_volume
     from MedGMAESlicerLib.selftest import blob_volume, oblique_lps_affine
+    return add_volume(session.scene, blob_volume(), oblique_lps_affine(), name)
 
-    mod, errors = widget_module
-    parent = types.SimpleNamespace()
-    mod.MedGMAESlicer(parent)
-    assert parent.title == "MedGMAE" and parent.icon[1].endswith("MedGMAESlicer.png")
-    volume = add_volume(session.scene, blob_volume(), oblique_lps_affine(), "ct")
-    widget = mod.MedGMAESlicerWidget()
-    widget.setup()
-    ui, params = widget.ui, widget._parameterNode
-    assert params.inputVolume is volume  # the first volume is picked
-    assert ui.predictButton.enabled and not ui.exportPlyButton.enabled
+
+def test_module_metadata_and_setup(app, session):
+    volume = _blob(session)
+    node = session.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")  # a scene saved by an older version
+    node.SetSingletonTag("MedGMAESlicer")
+    node.SetAttribute("ModuleName", "MedGMAESlicer")
+    node.SetParameter("exportDirectory", ".")
+    s = standin.open_module(MODULE_FILE)
+    parent = standin.module_parent(MODULE_FILE)
+    s.module.MedGMAESlicer(parent)
+    assert parent.title == "MedGMAE" and parent.categories == ["Utilities"]  # it does not segment
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c) for c in parent.contributors)  # "Name (Organisation)"
+    assert '<a href="https://github.com/medgmae/MedGMAE-Slicer/blob/main/MedGMAESlicer/README.md">' in parent.helpText
+    assert Path(parent.icon.path) == REPO / "MedGMAESlicer" / "Resources" / "Icons" / "MedGMAESlicer.png"
+
+    ui, panel = s.widget.ui, s.widget.panel
+    assert s.widget._parameterNode.inputVolume is volume  # the first volume is picked
+    assert not ui.dependencyStatusLabel.visible and ui.installStatusLabel.text.startswith("All Python packages")
+    assert ui.checkpointPathLineEdit.currentPath == "" and ui.exportDirectoryPathLineEdit.currentPath == ""
+    assert ui.windowModeComboBox.currentText == "One window around the point"
+    assert ui.reconSourceComboBox.items == ["Simulate a scan of the input CT", "Measured projections from a file"]
+    assert ui.previewMaskButton.enabled and ui.predictButton.enabled and not ui.exportPlyButton.enabled
+    assert panel.jobTimer.active and panel.jobTimer.interval == 250
+    s.widget.cleanup()
+    assert not panel.jobTimer.active and not panel.glyphTimer.active
+
+
+def test_widget_mask_predict_display_export_train(app, session, tiny_checkpoint, tmp_path, caplog):
+    volume = _blob(session)
+    s = standin.open_module(MODULE_FILE)
+    ui, panel, params = s.widget.ui, s.widget.panel, s.widget._parameterNode
+    logic = s.widget.logic
 
     ui.previewMaskButton.clicked.emit()
-    assert errors == [] and ui.maskStatusLabel.text.startswith("Masked")
+    assert ui.maskStatusLabel.text.startswith("Masked") and "label layer" in ui.maskStatusLabel.text
+    assert app.layoutManager().slice_logics[0].fits == 1  # new layers are fitted to the views
 
-    params.checkpointPath = tiny_checkpoint
-    params.maskRatio = 0.5
+    # settings through the widgets, as a user sets them
+    ui.checkpointPathLineEdit.currentPath = str(tiny_checkpoint)
+    ui.maskRatioSlider.value = 0.5
+    assert params.checkpointPath == str(tiny_checkpoint) and params.maskRatio == 0.5
+
+    # Predict runs in a background process: the button becomes Cancel, conflicting actions wait
     ui.predictButton.clicked.emit()
-    assert errors == [], errors
-    assert "24 Gaussians over one model window" in ui.predictStatusLabel.text
-    assert ui.predictButton.text == "Predict" and ui.exportPlyButton.enabled
-    prediction = widget.logic.last_prediction
-    params.glyphSigma = 3  # a parameter change re-draws the glyphs
-    assert prediction.glyph.sigma == 3 and prediction.glyph_key[2] == 3
-    params.exportDirectory = tmp_path
-    ui.exportPlyButton.clicked.emit()
-    assert errors == [] and (tmp_path / "ct_gaussians.ply").is_file()
+    assert panel.predictPanel.running and ui.predictButton.text == "Cancel" and ui.predictButton.enabled
+    assert not ui.previewMaskButton.enabled and not ui.installDependenciesButton.enabled
+    assert not ui.checkDependenciesButton.enabled and ui.predictProgressBar.visible
+    assert logic.last_prediction is None  # nothing computed in this process
+    _pump(panel.jobTimer, lambda: not panel.predictPanel.running)
+    prediction = logic.last_prediction
+    assert prediction is not None, ui.predictStatusLabel.text
+    n = len(prediction.intensities)
+    assert ui.predictStatusLabel.text.startswith(f"{n} Gaussians predicted over one model window")
+    assert ui.predictButton.text == "Predict" and ui.predictButton.enabled and ui.previewMaskButton.enabled
+    assert ui.exportPlyButton.enabled and ui.predictProgressBar.value == 100
+    assert app.layoutManager().slice_logics[0].fits == 2
+    assert prediction.prediction_node.GetScene() is session.scene and prediction.volume_node is volume
 
-    params.trainDataFolder = tmp_path / "missing"
-    params.trainOutputFolder = tmp_path / "run"
+    # display: opacity at once; glyph geometry once the slider is still (not per tick)
+    rebuilds = []
+    real_update = logic._update_glyphs
+    logic._update_glyphs = lambda p, force=False: (rebuilds.append(p.glyph.geometry())
+                                                   if force or p.glyph.geometry() != p.glyph_key else None,
+                                                   real_update(p, force))
+    ui.glyphOpacitySlider.value = 0.3
+    assert prediction.model_node.GetDisplayNode().GetOpacity() == pytest.approx(0.3) and rebuilds == []
+    for value in (0.2, 0.3, 0.4):  # dragging the threshold slider
+        ui.intensityThresholdSlider.value = value
+    assert rebuilds == [] and panel.glyphTimer.active and prediction.glyph.threshold == pytest.approx(0.1)
+    panel.glyphTimer.fire()
+    assert rebuilds == [(8, 0.4, 2)] and prediction.glyph.threshold == pytest.approx(0.4)
+    assert "at least 40% as bright" in ui.predictStatusLabel.text
+
+    # the overlay opacity changes only in the views that show the prediction
+    composites = [session.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
+    composites[1].SetForegroundVolumeID(volume.GetID())
+    composites[1].SetForegroundOpacity(0.25)
+    ui.predictionOpacitySlider.value = 0.7
+    assert [c.GetForegroundOpacity() for c in composites] == pytest.approx([0.7, 0.25, 0.7])
+
+    # an error: shown by slicer.util.tryWithErrorDisplay (logged here: no main window), re-raised, then reported
+    caplog.set_level(logging.ERROR)
+    ui.exportNiftiButton.clicked.emit()
+    assert ui.predictStatusLabel.text == "Export failed. export folder: choose a folder to write to"
+    assert any("Export failed." in r.getMessage() and "choose a folder" in r.getMessage() for r in caplog.records)
+    assert standin.QApplication.overrideCursor() is None  # the wait cursor was restored
+    ui.exportDirectoryPathLineEdit.currentPath = str(tmp_path)
+    ui.exportPlyButton.clicked.emit()
+    assert (tmp_path / "ct_gaussians.ply").is_file() and ui.predictStatusLabel.text.startswith("Wrote ")
+
+    # Train with a folder that does not exist: said, and the button stays
+    ui.trainDataPathLineEdit.currentPath = str(tmp_path / "missing")
+    ui.trainOutputPathLineEdit.currentPath = str(tmp_path / "run")
     ui.trainButton.clicked.emit()
     assert ui.trainButton.text == "Start training" and "does not exist" in ui.trainStatusLabel.text
-    assert widget.jobTimer.active
-    widget.cleanup()
-    assert not widget.jobTimer.active
-    assert np.isfinite(prediction.intensities).all()
+    s.widget.cleanup()
+    assert not panel.jobTimer.active
+
+
+def test_cancel_returns_at_once_and_closing_the_scene_cancels(app, session, tiny_checkpoint):
+    _blob(session)
+    s = standin.open_module(MODULE_FILE)
+    ui, panel, logic = s.widget.ui, s.widget.panel, s.widget.logic
+    ui.checkpointPathLineEdit.currentPath = str(tiny_checkpoint)
+    ui.windowModeComboBox.currentIndex = 1  # Whole volume
+    ui.predictButton.clicked.emit()
+    t0 = time.monotonic()
+    ui.predictButton.clicked.emit()  # Cancel
+    assert time.monotonic() - t0 < 0.5
+    assert ui.predictButton.text == "Cancelling..." and not ui.predictButton.enabled
+    _pump(panel.jobTimer, lambda: not panel.predictPanel.running, seconds=60)
+    assert ui.predictStatusLabel.text == "Cancelled." and ui.predictButton.text == "Predict"
+    assert ui.predictButton.enabled and logic.last_prediction is None
+    assert session.scene.GetFirstNodeByName("ct MedGMAE prediction") is None
+
+    ui.predictButton.clicked.emit()
+    job = panel.predictPanel.job
+    session.scene.Clear(0)  # File > Close scene while predicting
+    assert job.is_cancelling or job.result is not None
+    _pump(panel.jobTimer, lambda: not panel.predictPanel.running, seconds=60)
+    assert job.result.state.value == "cancelled" and logic.last_prediction is None
+    assert s.widget._parameterNode is not None  # a new parameter node for the new scene
+    s.widget.cleanup()
+
+
+def test_missing_dependencies_are_reported_and_installed_only_after_asking(app, session, monkeypatch):
+    """In this process torch and MONAI are installed; their metadata is hidden, as if they were not."""
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name.lower() in ("torch", "monai"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "standin_extensions"))  # the PyTorch extension
+    import PyTorchUtils
+    monkeypatch.setattr(PyTorchUtils, "calls", [])
+    _blob(session)
+    s = standin.open_module(MODULE_FILE)
+    ui = s.widget.ui
+    message = "MedGMAE needs Python packages that are not installed yet: torch, monai."
+    assert ui.dependencyStatusLabel.visible and ui.dependencyStatusLabel.text.startswith(message)
+    assert not ui.installCollapsibleButton.collapsed
+
+    app.answers.append(standin.QMessageBox.Ok)  # "Install now?" -> OK
+    ui.installDependenciesButton.clicked.emit()
+    assert len(app.dialogs) == 1 and app.dialogs[0]["title"] == "MedGMAE - install Python packages"
+    assert PyTorchUtils.calls == [{"askConfirmation": False, "torchVersionRequirement": "<=2.13.0,>=2.2"}]
+    # the stand-in extension reports a failed install: said, nothing else attempted
+    assert ui.installStatusLabel.text.startswith("PyTorch was not installed")
+
+    app.testing = True  # CTest: nothing is asked or installed
+    ui.predictButton.clicked.emit()
+    assert len(app.dialogs) == 1 and not s.widget.panel.predictPanel.running
+    assert ui.predictStatusLabel.text.startswith(message)
+    s.widget.cleanup()
+
+
+def test_older_slicer_gets_one_message(monkeypatch, session):
+    standin.install(monkeypatch, module_path=MODULE_FILE, version=(5, 8))
+    try:
+        s = standin.open_module(MODULE_FILE)
+        message = s.module.UNSUPPORTED
+        assert message.startswith("MedGMAE needs 3D Slicer 5.10 or newer (Python 3.12); this is 3D Slicer 5.8")
+        labels = [w for w in s.widget.parent.children() if isinstance(w, standin.QLabel)]
+        assert [label.text for label in labels] == [message] and not hasattr(s.widget, "ui")
+        s.widget.cleanup()
+        test = s.module.MedGMAESlicerTest()
+        test.runTest()
+        assert test.messages == [message]
+    finally:
+        sys.modules.pop("MedGMAESlicer", None)
+    # what an old Slicer (Python 3.9) reads before it can say so is valid Python 3.9
+    for path in (MODULE_FILE, REPO / "MedGMAESlicer" / "MedGMAESlicerLib" / "compat.py"):
+        ast.parse(path.read_text(), feature_version=(3, 9))
+    from MedGMAESlicerLib.compat import unsupported_reason
+    assert unsupported_reason(python=(3, 9), slicer=None).startswith("MedGMAE needs 3D Slicer 5.10 or newer")
+    assert unsupported_reason(python=(3, 12), slicer=(5, 10)) is None
+
+
+def test_developer_reload_reloads_the_library(app, session):
+    """Reload re-imports every MedGMAESlicerLib submodule, then the module file (keep this test last: it replaces
+    the library's classes in this process)."""
+    import MedGMAESlicerLib
+    from MedGMAESlicerLib import SUBMODULES
+
+    s = standin.open_module(MODULE_FILE)
+    before = {name: dict(vars(sys.modules[f"MedGMAESlicerLib.{name}"])) for name in SUBMODULES}
+    s.widget.onReload()
+    assert s.widget.reloads == 1 and not s.widget.panel.jobTimer.active  # the old panel was cleaned up
+    for name in SUBMODULES:
+        module = sys.modules[f"MedGMAESlicerLib.{name}"]
+        functions = [k for k, v in before[name].items() if callable(v) and getattr(v, "__module__", "") == module.__name__]
+        assert functions and all(getattr(module, k) is not before[name][k] for k in functions), name
+    assert sys.modules["MedGMAESlicer"].MedGMAEPanel is MedGMAESlicerLib.panel.MedGMAEPanel

@@ -1,0 +1,244 @@
+"""Prediction outside Slicer's GUI: the request, the work (through medgmae_core) and the worker process.
+
+The panel writes a :class:`PredictionRequest` (the CT array, its IJKToRAS and the settings) to a file and runs
+``python -m MedGMAESlicerLib.prediction REQUEST OUTPUT`` as a background job: the torch import, the model load and
+the forward pass happen in that process, which reports JSON progress lines (``medgmae_core.progress``) and can be
+cancelled like training. The GUI then only turns the :class:`PredictionOutput` into nodes.
+
+:func:`run_prediction` is the one place that predicts, for the worker and for scripts alike (``MedGMAELogic.predict``).
+It calls ``medgmae_core``'s public API and nothing else: ``train.checkpoint.load_model``, ``inference.prepare_ct``,
+``inference.predict_window`` / ``inference.predict_volume``. How those functions mask the input is theirs to decide;
+this module passes the mask ratio and seed only.
+
+This file never imports ``slicer`` and imports torch and ``medgmae_core`` only inside functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+STAGES = ("loading the model", "preparing the CT", "predicting", "rendering")
+
+
+class PredictionCancelled(Exception):
+    """The user cancelled a running prediction."""
+
+
+@dataclass
+class PredictionRequest:
+    """Everything a prediction needs, with no MRML node in it."""
+    hu: np.ndarray  # [I, J, K] Hounsfield units
+    ijk_to_ras: np.ndarray  # 4x4
+    checkpoint: str = ""  # empty: the bundled demo weights
+    mode: str = "point"  # "point" | "whole"
+    point_ras: tuple | None = None
+    mask_ratio: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("point", "whole"):
+            raise ValueError(f"window mode must be 'point' or 'whole', got {self.mode!r}")
+        if self.point_ras is not None:
+            self.point_ras = tuple(float(v) for v in np.asarray(self.point_ras, dtype=np.float64).reshape(3))
+
+    def save(self, path: str | Path) -> Path:
+        settings = {"checkpoint": str(self.checkpoint or ""), "mode": self.mode, "point_ras": self.point_ras,
+                    "mask_ratio": float(self.mask_ratio), "seed": int(self.seed), "device": self.device}
+        np.savez(path, hu=np.asarray(self.hu), ijk_to_ras=np.asarray(self.ijk_to_ras, dtype=np.float64),
+                 settings=json.dumps(settings))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PredictionRequest":
+        with np.load(path) as data:
+            settings = json.loads(str(data["settings"]))
+            return cls(data["hu"], data["ijk_to_ras"], **settings)
+
+
+@dataclass
+class PredictionOutput:
+    """The Gaussians (whole prepared grid, normalised coords, batch 1), the rendered prediction and its affine."""
+    centres: np.ndarray  # [1, n, 3]
+    scales: np.ndarray  # [1, n, 3]
+    quaternions: np.ndarray  # [1, n, 4]
+    intensities: np.ndarray  # [1, n]
+    pred: np.ndarray  # [I, J, K] in [0, 1] (HU window)
+    pred_affine: np.ndarray  # 4x4 IJKToRAS of ``pred``
+    grid_shape: tuple  # the prepared CT grid the Gaussians live in
+    grid_affine: np.ndarray  # its IJKToRAS
+    mode: str = "point"
+    checkpoint: str = ""
+    windows: int = 1
+    timings: dict = field(default_factory=dict)
+
+    def gaussians(self):
+        """As a ``medgmae_core.GaussianSet`` (imports torch)."""
+        import torch
+        from medgmae_core import GaussianSet
+        return GaussianSet(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                             (self.centres, self.scales, self.quaternions, self.intensities)))
+
+    @classmethod
+    def from_gaussians(cls, gaussians, **kwargs) -> "PredictionOutput":
+        arrays = [t.detach().cpu().float().numpy() for t in
+                  (gaussians.centres, gaussians.scales, gaussians.quaternions, gaussians.intensities)]
+        return cls(*arrays, **kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        meta = {"grid_shape": [int(n) for n in self.grid_shape], "mode": self.mode, "checkpoint": self.checkpoint,
+                "windows": int(self.windows), "timings": self.timings}
+        np.savez(path, centres=self.centres, scales=self.scales, quaternions=self.quaternions,
+                 intensities=self.intensities, pred=self.pred, pred_affine=self.pred_affine,
+                 grid_affine=self.grid_affine, meta=json.dumps(meta))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PredictionOutput":
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            return cls(data["centres"], data["scales"], data["quaternions"], data["intensities"], data["pred"],
+                       data["pred_affine"], tuple(meta["grid_shape"]), data["grid_affine"], meta["mode"],
+                       meta["checkpoint"], meta["windows"], meta["timings"])
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: a GPU (CUDA) was requested but PyTorch sees none; choose Automatic or CPU")
+    return device
+
+
+def default_checkpoint() -> Path:
+    """The bundled demo weights (``medgmae_core.demo.BUNDLED_WEIGHTS``; demo weights, not the paper's)."""
+    from medgmae_core.demo import BUNDLED_WEIGHTS
+    if not BUNDLED_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the bundled demo weights are missing ({BUNDLED_WEIGHTS}); choose a checkpoint file")
+    return BUNDLED_WEIGHTS
+
+
+def checkpoint_path(checkpoint) -> Path:
+    """The checkpoint file to load: the given one, or the bundled demo weights when empty."""
+    from .parameters import is_set
+    path = Path(checkpoint) if is_set(checkpoint) else default_checkpoint()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (choose a .pt file, or leave it empty for "
+                                "the bundled demo weights)")
+    return path
+
+
+def load_gaussian_model(checkpoint, device: str = "auto"):
+    """``(model, config, path)`` through ``medgmae_core.train.checkpoint.load_model``; only Gaussian models."""
+    from medgmae_core.train.checkpoint import load_model
+    path = checkpoint_path(checkpoint)
+    model, config = load_model(path, device=resolve_device(device))
+    if not config.is_gaussian:
+        raise ValueError(f"checkpoint {path}: a {config.objective!r} model predicts no Gaussians; choose a "
+                         "MedGMAE (gaussian / gaussian_star) checkpoint")
+    return model, config, path
+
+
+def run_prediction(request: PredictionRequest, *, model=None, checkpoint_label: str | None = None,
+                   progress: Callable[[float, str], bool | None] | None = None) -> PredictionOutput:
+    """Predict Gaussians for one window around ``request.point_ras`` (default: the volume centre) or the whole
+    volume (sliding windows), with ``medgmae_core``'s own functions. ``progress(fraction, text)`` is called between
+    stages and windows; a true return value stops with :class:`PredictionCancelled`."""
+    timings: dict[str, float] = {}
+
+    def report(fraction: float, text: str) -> None:
+        if progress is not None and progress(fraction, text):
+            raise PredictionCancelled("prediction cancelled")
+
+    def timed(name: str):
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings[name] = round(time.perf_counter() - self.t0, 3)
+        return _T()
+
+    report(0.0, STAGES[0])
+    with timed("import"):
+        import torch
+        from medgmae_core import inference, spatial
+    if model is None:
+        with timed("load model"):
+            model, _config, path = load_gaussian_model(request.checkpoint, request.device)
+        checkpoint_label = str(path)
+    report(0.1, STAGES[1])
+    with timed("prepare"):
+        prepared = inference.prepare_ct(np.asarray(request.hu), np.asarray(request.ijk_to_ras, dtype=np.float64))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(request.seed))
+    report(0.15, STAGES[2])
+    with timed("predict"):
+        if request.mode == "point":
+            window = inference.predict_window(model, prepared, centre_ras=request.point_ras,
+                                              mask_ratio=request.mask_ratio, generator=generator)
+            report(0.8, STAGES[3])
+            with torch.no_grad():
+                rendered = model.render(window.window_gaussians.to(device))
+            pred = rendered[0, 0].detach().cpu().float().numpy()
+            offset = np.eye(4)
+            offset[:3, 3] = np.asarray(window.offset, dtype=np.float64)
+            pred_affine = spatial.check_affine(prepared.ijk_to_ras) @ offset
+            gaussians, windows = window.gaussians, 1
+        else:
+            result = inference.predict_volume(
+                model, prepared, mask_ratio=request.mask_ratio, stitch=True, generator=generator,
+                progress=lambda done, total: report(0.15 + 0.8 * done / total, f"window {done} of {total}"))
+            gaussians, pred, pred_affine = result.gaussians, result.pred.cpu().float().numpy(), prepared.ijk_to_ras
+            windows = len(result.grid)
+    output = PredictionOutput.from_gaussians(
+        gaussians, pred=np.ascontiguousarray(pred, dtype=np.float32), pred_affine=np.asarray(pred_affine, np.float64),
+        grid_shape=tuple(int(n) for n in prepared.shape), grid_affine=np.asarray(prepared.ijk_to_ras, np.float64),
+        mode=request.mode, checkpoint=str(checkpoint_label or request.checkpoint or ""), windows=windows,
+        timings=timings)
+    report(1.0, "done")
+    return output
+
+
+# ----------------------------------------------------------------------------- the worker process
+def main(argv: list[str] | None = None) -> int:
+    """``python -m MedGMAESlicerLib.prediction REQUEST OUTPUT``: JSON progress lines on stdout; exit 0 on success,
+    2 for bad inputs (the message in an ``error`` event), 1 otherwise."""
+    parser = argparse.ArgumentParser(prog="MedGMAESlicerLib.prediction", description=__doc__.splitlines()[0])
+    parser.add_argument("request", help="request file written by PredictionRequest.save (.npz)")
+    parser.add_argument("output", help="output file for PredictionOutput.save (.npz)")
+    args = parser.parse_args(argv)
+
+    def emit(event: str, **fields) -> None:
+        print(json.dumps({"event": event, "command": "predict", **fields}), flush=True)
+
+    total = 1000
+    emit("start", total=total)
+    try:
+        request = PredictionRequest.load(args.request)
+        output = run_prediction(request, progress=lambda f, text: emit(
+            "progress", step=int(round(total * f)), total=total, stage=text))
+        output.save(args.output)
+    except (FileNotFoundError, ValueError) as exc:
+        emit("error", message=str(exc))
+        return 2
+    except Exception as exc:  # noqa: BLE001 - reported to the panel, with the traceback on stderr
+        import traceback
+        traceback.print_exc()
+        emit("error", message=f"{type(exc).__name__}: {exc}")
+        return 1
+    emit("done", output=str(args.output), gaussians=int(output.intensities.size), timings=output.timings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
