@@ -7,8 +7,10 @@ cancelled like training. The GUI then only turns the :class:`PredictionOutput` i
 
 :func:`run_prediction` is the one place that predicts, for the worker and for scripts alike (``MedGMAELogic.predict``).
 It calls ``medgmae_core``'s public API and nothing else: ``train.checkpoint.load_model``, ``inference.prepare_ct``,
-``inference.predict_window`` / ``inference.predict_volume``. How those functions mask the input is theirs to decide;
-this module passes the mask ratio and seed only.
+``inference.predict_window`` / ``inference.predict_volume``, and the model's own renderer settings to draw the result.
+How those functions mask the input (the inference mask policy) is theirs to decide: this module passes the user's
+mask ratio (0 when "predict from the masked input" is off) and a seeded generator, never a policy, and it does not
+use ``predict_volume(stitch=True)``, whose single training-style mask would bypass the policy.
 
 This file never imports ``slicer`` and imports torch and ``medgmae_core`` only inside functions.
 """
@@ -196,10 +198,11 @@ def run_prediction(request: PredictionRequest, *, model=None, checkpoint_label: 
             gaussians, windows = window.gaussians, 1
         else:
             result = inference.predict_volume(
-                model, prepared, mask_ratio=request.mask_ratio, stitch=True, generator=generator,
-                progress=lambda done, total: report(0.15 + 0.8 * done / total, f"window {done} of {total}"))
-            gaussians, pred, pred_affine = result.gaussians, result.pred.cpu().float().numpy(), prepared.ijk_to_ras
-            windows = len(result.grid)
+                model, prepared, mask_ratio=request.mask_ratio, generator=generator,
+                progress=lambda done, total: report(0.15 + 0.7 * done / total, f"window {done} of {total}"))
+            gaussians, windows = result.gaussians, len(result.grid)
+            report(0.85, STAGES[3])
+            pred, pred_affine = render_on_grid(model, gaussians, prepared.shape), prepared.ijk_to_ras
     output = PredictionOutput.from_gaussians(
         gaussians, pred=np.ascontiguousarray(pred, dtype=np.float32), pred_affine=np.asarray(pred_affine, np.float64),
         grid_shape=tuple(int(n) for n in prepared.shape), grid_affine=np.asarray(prepared.ijk_to_ras, np.float64),
@@ -207,6 +210,21 @@ def run_prediction(request: PredictionRequest, *, model=None, checkpoint_label: 
         timings=timings)
     report(1.0, "done")
     return output
+
+
+def render_on_grid(model, gaussians, shape) -> np.ndarray:
+    """Merged whole-volume Gaussians drawn on the prepared grid with the model's own renderer settings
+    (``ModelConfig.render_cutoff / render_convention / render_backend``, as ``model.render`` uses for one window)."""
+    import torch
+    from medgmae_core.render import render_volume
+
+    cfg = model.config
+    with torch.no_grad():
+        volume = render_volume(gaussians.to(torch.float32), tuple(int(n) for n in shape),
+                               cutoff=getattr(cfg, "render_cutoff", 3.0),
+                               convention=getattr(cfg, "render_convention", "paper"),
+                               backend=getattr(cfg, "render_backend", "auto"))
+    return volume[0].detach().cpu().float().numpy()
 
 
 # ----------------------------------------------------------------------------- the worker process

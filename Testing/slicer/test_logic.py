@@ -258,7 +258,8 @@ def test_prediction_uses_medgmae_cores_public_functions(monkeypatch, session, ti
     logic.predict(volume, checkpoint=tiny_checkpoint, mode="point", mask_ratio=0.5)
     logic.predict(volume, checkpoint=tiny_checkpoint, mode="whole", mask_ratio=0.5)
     assert calls == [("predict_window", ["centre_ras", "generator", "mask_ratio"]),
-                     ("predict_volume", ["generator", "mask_ratio", "progress", "stitch"])]
+                     ("predict_volume", ["generator", "mask_ratio", "progress"])]  # no stitch: its one mask
+    # would bypass the library's inference mask policy
     import inspect
     source = inspect.getsource(__import__("MedGMAESlicerLib.prediction", fromlist=["x"]))
     assert "mask_policy" not in source  # the library's default policy, never one hard-coded here
