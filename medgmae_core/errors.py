@@ -122,8 +122,8 @@ def user_message(exc: BaseException) -> str | None:
         return first_line(str(exc))
     if isinstance(exc, OSError):
         return first_line(os_error_message(exc))
-    if isinstance(exc, (ValueError, KeyError)) and not isinstance(exc, UnicodeError):
-        return first_line(str(exc) if not isinstance(exc, KeyError) else f"missing key {exc}")
+    if isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        return first_line(str(exc))
     if isinstance(exc, UnicodeError):
         return first_line(f"cannot decode text ({exc})")
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _ALLOC_FAILURE.search(str(exc))):

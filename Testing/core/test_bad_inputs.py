@@ -657,3 +657,28 @@ def test_demo_nifti_outputs_are_on_the_input_grid(case, weights, tmp_path):
                                                          ref.affine, mode="nearest"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         Path(p).name for p in res.outputs.values())
+
+
+# ----------------------------------------------------------------------------- units in metrics.json
+def test_metrics_json_says_when_units_are_unknown(tmp_path, capsys):
+    """A data-exchange scan does not record its pixel pitch: metrics.json must not claim 1/mm."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    views, rows, cols = 12, 2, 24
+    theta = np.linspace(0.0, 180.0, views, endpoint=False)
+    u = np.arange(cols) - (cols - 1) / 2
+    counts = 1000.0 * np.exp(-0.05 * np.clip(36 - u[None, None, :] ** 2, 0, None)) * np.ones((views, rows, 1))
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as f:
+        f["exchange/data"] = counts + rng.normal(0, 1, counts.shape)
+        f["exchange/data_white"] = np.full((2, rows, cols), 1000.0)
+        f["exchange/data_dark"] = np.zeros((2, rows, cols))
+        f["exchange/theta"] = theta
+    out = tmp_path / "rec"
+    code, _, err = run(["reconstruct", str(path), "--out", str(out), "--init", "fbp", "--num-gaussians", "30",
+                        "--iters", "1", "--eval-every", "1", "--centre", str((cols - 1) / 2)], capsys)
+    assert code == 0, err
+    units = json.loads((out / "metrics.json").read_text())["units"]
+    assert units.startswith("unknown") and "--pixel-size" in units
+    assert not (out / "reconstruction_hu.nii.gz").exists()

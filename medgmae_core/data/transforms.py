@@ -36,10 +36,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from monai.data import NibabelReader
-
 from ..errors import InputError
-from .readers import NIFTI_SUFFIXES, SimpleITKReader, has_suffix
+from .readers import SimpleITKReader
 
 HU_WINDOW: tuple[float, float] = (-175.0, 250.0)
 KEY = "image"
@@ -183,23 +181,30 @@ def check_resample_size(shape: Sequence[int], spacing: Sequence[float], target: 
 
 
 class LoadCTd(LoadImaged):
-    """``LoadImaged`` choosing the reader by path: nibabel for NIfTI, SimpleITK for NRRD/MHA/DICOM folders.
+    """Load images through ``data.readers.read_image``, the one reader every command uses (nibabel for NIfTI,
+    SimpleITK for NRRD/MHA and checked DICOM series folders), as float32 ``MetaTensor`` s in file voxel order with
+    their RAS affine, like ``LoadImaged(image_only=True)`` with ``NibabelReader``.
 
-    Any read failure becomes one ``ValueError`` naming the file.
+    Any read failure is one ``InputError`` (a ``ValueError``) naming the file; ``[X, Y, Z, 1]`` is 3D.
     """
 
     def __init__(self, keys: str = KEY) -> None:
         super().__init__(keys=keys, reader=SimpleITKReader(), image_only=True, dtype=np.float32)
-        self._nifti = NibabelReader()
-        self._itk = SimpleITKReader()
 
     def __call__(self, data, reader=None):
-        path = str(data[self.keys[0]])
-        reader = reader or (self._nifti if has_suffix(path, NIFTI_SUFFIXES) else self._itk)
-        try:
-            return super().__call__(data, reader)
-        except Exception as exc:
-            raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        from monai.data import MetaTensor
+
+        from .readers import read_image
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            array, affine = read_image(path, what="image")
+            meta = {"filename_or_obj": path, "original_affine": affine.copy(),
+                    "spatial_shape": np.asarray(array.shape), "original_channel_dim": "no_channel", "space": "RAS"}
+            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)),
+                                affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+        return d
 
 
 class EnsureCTd(MapTransform):

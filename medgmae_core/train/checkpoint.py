@@ -79,7 +79,7 @@ def require_kind(ckpt: dict[str, Any], path: str | Path, expected: str, needed_b
         from ..errors import current_command
 
         command = current_command()
-        needed_by = f"`medgmae {command}`" if command else "this"
+        needed_by = f"`medgmae {command}`" if command else "this step"
     short = {PRETRAINING: "pre-training", SEGMENTATION: "segmentation (finetune)",
              RECONSTRUCTION: "reconstruction"}[kind]
     raise CheckpointError(f"{path}: this is a {short} checkpoint; {needed_by} needs "
