@@ -114,7 +114,13 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def user_message(exc: BaseException) -> str | None:
-    """The one-line message if ``exc`` is a user error (bad input, settings, files, memory), else None."""
+    """The one-line message if ``exc`` is a user error (bad input, settings, files, memory), else None.
+    Temporary paths in it are replaced by the outputs they stand for."""
+    message = _user_message(exc)
+    return None if message is None else final_names(message)
+
+
+def _user_message(exc: BaseException) -> str | None:
     exc = root_cause(exc)
     if isinstance(exc, UserError) and not isinstance(exc, OSError):
         return first_line(str(exc))
@@ -144,6 +150,7 @@ def describe(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------ temporary files of the running command
 _temp_paths: list[Path] = []
+_aliases: dict[str, str] = {}  # temporary path -> the output it becomes (for messages)
 _created_dirs: list[Path] = []
 _output_dirs: list[Path] = []
 _started = time.time()
@@ -160,6 +167,7 @@ def begin_command(name: str | None = None) -> None:
     global _started
     _command[:] = [name] if name else []
     _temp_paths.clear()
+    _aliases.clear()
     _created_dirs.clear()
     _output_dirs.clear()
     _started = time.time()
@@ -179,11 +187,26 @@ def temp_name(path: str | Path, pid: int | None = None) -> Path:
     return path.with_name(f".{stem}.{os.getpid() if pid is None else pid}.tmp{suffixes}")
 
 
-def track_temp(path: str | Path) -> Path:
-    """Register a temporary file or folder of the running command (removed if the command fails)."""
+def track_temp(path: str | Path, final: str | Path | None = None) -> Path:
+    """Register a temporary file or folder of the running command (removed if the command fails); ``final``:
+    the output it will become, named in messages instead of the temporary path."""
     path = Path(path)
     _temp_paths.append(path)
+    if final is not None:
+        _aliases[str(path)] = str(final)
     return path
+
+
+def final_names(text: str) -> str:
+    """``text`` with registered temporary paths replaced by the outputs they stand for."""
+    for _ in range(3):  # a temporary file of a staged temporary file
+        changed = text
+        for tmp, final in sorted(_aliases.items(), key=lambda kv: -len(kv[0])):
+            changed = changed.replace(tmp, final)
+        if changed == text:
+            break
+        text = changed
+    return text
 
 
 def untrack_temp(path: str | Path) -> None:
@@ -270,6 +293,7 @@ def cleanup_command() -> list[str]:
 def finish_command() -> None:
     """The command succeeded: its registrations are forgotten (nothing is removed)."""
     _temp_paths.clear()
+    _aliases.clear()
     _created_dirs.clear()
     _output_dirs.clear()
 
@@ -278,7 +302,7 @@ def finish_command() -> None:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Write to a temporary path beside ``path``; on success it is renamed over ``path``, on failure removed."""
     path = Path(path)
-    tmp = track_temp(temp_name(path))
+    tmp = track_temp(temp_name(path), final=path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -309,8 +333,9 @@ class StagedOutputs:
         final = Path(final)
         if self.folder is not None:
             tmp = self.folder / final.name
+            _aliases[str(tmp)] = str(final)
         else:
-            tmp = track_temp(temp_name(final))
+            tmp = track_temp(temp_name(final), final=final)
         self.items.append((tmp, final))
         return tmp
 
@@ -401,6 +426,6 @@ def available_memory_bytes() -> int | None:
 
 __all__ = ["UserError", "InputError", "SizeLimitError", "NoUsableInputError", "OutputError", "EXIT_USER_ERROR",
            "user_message", "describe", "os_error_message", "os_error_reason", "first_line", "root_cause", "begin_command", "finish_command",
-           "cleanup_command", "track_temp", "untrack_temp", "temp_name", "atomic_path", "StagedOutputs",
+           "cleanup_command", "track_temp", "final_names", "untrack_temp", "temp_name", "atomic_path", "StagedOutputs",
            "make_output_dir", "watch_output_dir", "stale_temp_files", "remove_stale_temp_files", "is_temp_name",
            "available_memory_bytes"]

@@ -682,3 +682,24 @@ def test_metrics_json_says_when_units_are_unknown(tmp_path, capsys):
     units = json.loads((out / "metrics.json").read_text())["units"]
     assert units.startswith("unknown") and "--pixel-size" in units
     assert not (out / "reconstruction_hu.nii.gz").exists()
+
+
+@pytest.mark.parametrize("command", ["segment", "render"])
+def test_disk_full_while_writing_names_the_output_not_a_temp_file(command, seg_checkpoint, good_ply, small_ct,
+                                                                  tmp_path, capsys, monkeypatch):
+    """ENOSPC inside nibabel's writer: the line names the final output and says the disk is full; neither the
+    NIfTI nor its sidecar (segment's labels JSON, render's PNG) is left, nor any temporary file."""
+    def full_disk(img, filename, *a, **k):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    monkeypatch.setattr(nib, "save", full_disk)
+    out = tmp_path / "out" / "result.nii.gz"
+    if command == "segment":
+        argv = ["segment", str(small_ct), "--checkpoint", str(seg_checkpoint), "--out", str(out), "--device", "cpu"]
+    else:
+        argv = ["render", str(good_ply), "--out", str(out), "--png", str(tmp_path / "out" / "r.png")]
+    code, stdout, stderr = run(argv + ["--progress-json"], capsys)
+    line = assert_clean_failure(command, code, stdout, stderr, (str(out), "disk full"))
+    assert ".tmp" not in line
+    assert_nothing_left(tmp_path, tmp_path / "out")
