@@ -380,6 +380,12 @@ class MedGMAELogic(BackgroundLogic):
                                            params.predictionOpacity)
         return job.start() if start else job
 
+    def discard_prediction(self, job: BackgroundJob) -> None:
+        """A cancelled or failed prediction job: remove its files."""
+        ctx = getattr(job, "context", None)
+        if isinstance(ctx, PredictionJobContext):
+            _remove_folder(ctx.output_path.parent)
+
     def finish_prediction(self, job: BackgroundJob, result: JobResult | None = None) -> str:
         """Show what a finished prediction job computed; returns the status sentence."""
         ctx: PredictionJobContext = job.context

@@ -99,6 +99,9 @@ class MedGMAEPanel:
             panel.poll()
 
     def _busy_changed(self, busy: bool = False) -> None:
+        job = self.predictPanel.job
+        if not busy and job is not None and job.result is not None and not job.result.ok:
+            self.logic.discard_prediction(job)  # cancelled or failed: its temporary files go
         self.update_enabled()
 
     def update_enabled(self, params: MedGMAEParameters | None = None) -> None:

@@ -11,6 +11,8 @@ import ast
 import importlib.metadata
 import logging
 import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -163,6 +165,7 @@ def test_cancel_returns_at_once_and_closing_the_scene_cancels(app, session, tiny
     assert ui.predictStatusLabel.text == "Cancelled." and ui.predictButton.text == "Predict"
     assert ui.predictButton.enabled and logic.last_prediction is None
     assert session.scene.GetFirstNodeByName("ct MedGMAE prediction") is None
+    assert not panel.predictPanel.job.context.output_path.parent.exists()  # its temporary files are gone
 
     ui.predictButton.clicked.emit()
     job = panel.predictPanel.job
@@ -221,9 +224,21 @@ def test_older_slicer_gets_one_message(monkeypatch, session):
         assert test.messages == [message]
     finally:
         sys.modules.pop("MedGMAESlicer", None)
-    # what an old Slicer (Python 3.9) reads before it can say so is valid Python 3.9
-    for path in (MODULE_FILE, REPO / "MedGMAESlicer" / "MedGMAESlicerLib" / "compat.py"):
+    # what an old Slicer (Python 3.9) reads before it can say so is valid Python 3.9 ...
+    lib = REPO / "MedGMAESlicer" / "MedGMAESlicerLib"
+    for path in (MODULE_FILE, lib / "__init__.py", lib / "compat.py"):
         ast.parse(path.read_text(), feature_version=(3, 9))
+    # ... and, where a Python 3.9 is at hand, runs there
+    candidates = [shutil.which("python3.9"), *map(str, sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python")))]
+    python39 = next((p for p in candidates
+                     if p and Path(p).is_file() and subprocess.run([p, "-c", "1"], capture_output=True).returncode == 0),
+                    None)
+    if python39:
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import py_compile; py_compile.compile(sys.argv[2], "
+                "doraise=True); from MedGMAESlicerLib.compat import unsupported_reason; print(unsupported_reason())")
+        done = subprocess.run([python39, "-c", code, str(MODULE_FILE.parent), str(MODULE_FILE)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and "this is Python 3.9" in done.stdout, done.stderr
     from MedGMAESlicerLib.compat import unsupported_reason
     assert unsupported_reason(python=(3, 9), slicer=None).startswith("MedGMAE needs 3D Slicer 5.10 or newer")
     assert unsupported_reason(python=(3, 12), slicer=(5, 10)) is None
