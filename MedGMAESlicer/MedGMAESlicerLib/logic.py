@@ -603,7 +603,8 @@ class GlyphSettings:
 
     @classmethod
     def from_parameters(cls, params: MedGMAEParameters) -> "GlyphSettings":
-        return cls(params.glyphOpacity, params.glyphResolution, params.intensityThreshold, params.glyphSigma)
+        return cls(params.glyphOpacity, params.glyphResolution, params.intensityThreshold,
+                   int(getattr(params.glyphSigma, "value", params.glyphSigma)))
 
     def geometry(self) -> tuple:
         """What needs the glyph polydata rebuilt (opacity does not)."""

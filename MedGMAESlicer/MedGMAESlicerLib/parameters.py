@@ -61,7 +61,7 @@ class LabeledEnum(enum.Enum):
             return value
         text = str(value)
         for member in cls:
-            if text in (member.value, member.name):
+            if value == member.value or text in (str(member.value), member.name):
                 return member
         raise ValueError(f"{value!r} is not one of {[m.value for m in cls]}")
 
@@ -103,6 +103,13 @@ class ReconInit(LabeledEnum):
     FBP = "fbp"
 
 
+class GlyphScale(LabeledEnum):
+    """Ellipsoid radius in standard deviations."""
+    ONE = 1
+    TWO = 2
+    THREE = 3
+
+
 _LABELS: dict = {
     WindowMode: {WindowMode.POINT: _("One window around the point"), WindowMode.WHOLE: _("Whole volume")},
     Device: {Device.AUTO: _("Automatic (GPU when available)"), Device.CPU: _("CPU"), Device.CUDA: _("GPU (CUDA)")},
@@ -114,6 +121,8 @@ _LABELS: dict = {
     Geometry: {Geometry.PARALLEL: _("Parallel beam"), Geometry.CONE: _("Cone beam")},
     ReconInit: {ReconInit.MEDGMAE: _("MedGMAE (zero-shot from a checkpoint)"),
                 ReconInit.FBP: _("FBP heuristic (3DGR-CT)")},
+    GlyphScale: {GlyphScale.ONE: _("1 standard deviation"), GlyphScale.TWO: _("2 standard deviations"),
+                 GlyphScale.THREE: _("3 standard deviations")},
 }
 
 
@@ -133,7 +142,7 @@ class MedGMAEParameters:
     glyphOpacity: Annotated[float, Range(0.0, 1.0)] = 0.6
     glyphResolution: Annotated[int, Range(4, 32)] = 8
     intensityThreshold: Annotated[float, Range(0.0, 1.0)] = 0.1  # fraction of the strongest Gaussian
-    glyphSigma: Annotated[int, Choice((1, 2, 3))] = 2
+    glyphSigma: GlyphScale = GlyphScale.TWO
     predictionOpacity: Annotated[float, Range(0.0, 1.0)] = 0.4
     exportDirectory: Annotated[str, PathField("dir")] = ""
     # Train

@@ -583,6 +583,7 @@ class StandInApp:
 
 
 _current_app: StandInApp | None = None
+opened_widgets: list = []  # widgets set up by open_module / reload: tests clean them up (as the app does on exit)
 
 
 # ============================================================================ slicer.ScriptedLoadableModule
@@ -643,7 +644,8 @@ def make_scripted_loadable_module():
             pass
 
         def onReload(self):
-            """``slicer.util.reloadScriptedModule``: re-execute the module file from its path."""
+            """``slicer.util.reloadScriptedModule`` (Base/Python/slicer/util.py): re-execute the module file from its
+            path, clean up this widget, and set up a new widget of the reloaded class in the same panel."""
             import importlib.util
             self.reloads += 1
             path = slicer.util.modulePath(self.moduleName)
@@ -651,6 +653,11 @@ def make_scripted_loadable_module():
             module = importlib.util.module_from_spec(spec)
             sys.modules[self.moduleName] = module
             spec.loader.exec_module(module)
+            self.cleanup()
+            widget = getattr(module, self.moduleName + "Widget")(self.parent)
+            widget.setup()
+            setattr(slicer.modules, self.moduleName + "Widget", widget)
+            opened_widgets.append(widget)
 
     class ScriptedLoadableModuleLogic:
         def __init__(self, parent=None):
@@ -1011,6 +1018,16 @@ def make_parameter_node_wrapper():
     return mod
 
 
+def close_opened_widgets():
+    """What the app does on exit (``moduleAboutToBeUnloaded``): ``cleanup()`` every widget still open."""
+    while opened_widgets:
+        widget = opened_widgets.pop()
+        try:
+            widget.cleanup()
+        except Exception:  # noqa: BLE001 - already cleaned up, or half set up: nothing left to release
+            log.debug("cleanup of %r failed", widget, exc_info=True)
+
+
 def vtk_modified():
     import vtk
     return vtk.vtkCommand.ModifiedEvent
@@ -1121,4 +1138,5 @@ def open_module(module_file: str | Path) -> WidgetSession:
     widget = module.MedGMAESlicerWidget(qMRMLWidget())  # the app gives the widget its panel, then calls setup()
     widget.setup()
     widget.parent.isEntered = True
+    opened_widgets.append(widget)
     return WidgetSession(module, widget, _current_app)

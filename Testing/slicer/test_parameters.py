@@ -15,7 +15,7 @@ from MedGMAESlicerLib import parameters as P  # noqa: E402
 
 def test_defaults_and_validation():
     p = P.MedGMAEParameters()
-    assert p.maskRatio == 0.75 and p.patchSize == 12 and p.glyphSigma == 2 and p.windowMode is P.WindowMode.POINT
+    assert p.maskRatio == 0.75 and p.patchSize == 12 and p.glyphSigma is P.GlyphScale.TWO and p.windowMode is P.WindowMode.POINT
     assert p.checkpointPath == "" and p.exportDirectory == ""  # empty paths are empty, not "."
     with pytest.raises(ValueError, match="parameter maskRatio: 1.5 is outside"):
         P.MedGMAEParameters(maskRatio=1.5)
@@ -70,7 +70,7 @@ def test_round_trip_through_parameter_node_and_mrb(tmp_path):
     back2 = P.MedGMAEParameters.read_from_node(node2)
     assert back2.inputVolume.GetName() == "ct" and back2.windowPoint.GetName() == "centre"
     assert (back2.maskRatio, back2.seed, back2.glyphSigma, back2.checkpointPath, back2.trainResume, back2.reconInit) == \
-        (0.6, 7, 3, "/w/ckpt.pt", True, P.ReconInit.FBP)
+        (0.6, 7, P.GlyphScale.THREE, "/w/ckpt.pt", True, P.ReconInit.FBP)
 
 
 def test_wrapper_class_is_derived_from_the_same_fields(monkeypatch):
@@ -103,8 +103,9 @@ def test_wrapper_class_is_derived_from_the_same_fields(monkeypatch):
     assert cls.hints["inputVolume"] is slicer.vtkMRMLScalarVolumeNode and not hasattr(cls, "inputVolume")
     ratio_type, ratio_range = typing.get_args(cls.hints["maskRatio"])
     assert ratio_type is float and (ratio_range.minimum, ratio_range.maximum) == (0.0, 0.95)
-    sigma_type, sigma_choice = typing.get_args(cls.hints["glyphSigma"])
-    assert sigma_type is int and sigma_choice.choices == [1, 2, 3]
+    seed_type, seed_range = typing.get_args(cls.hints["seed"])
+    assert seed_type is int and (seed_range.minimum, seed_range.maximum) == (0, 2**31 - 1)
+    assert cls.hints["glyphSigma"] is P.GlyphScale and cls.glyphSigma is P.GlyphScale.TWO
     assert cls.hints["checkpointPath"] is str and cls.checkpointPath == "" and cls.trainSteps == 1000
     assert cls.hints["windowMode"] is P.WindowMode and cls.windowMode is P.WindowMode.POINT
     # what the panel reads back from a wrapper instance is validated plain parameters

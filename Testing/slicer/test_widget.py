@@ -33,6 +33,7 @@ def app(monkeypatch, session):
     parameters.parameter_node_wrapper_class.cache_clear()
     application = standin.install(monkeypatch, module_path=MODULE_FILE)
     yield application
+    standin.close_opened_widgets()
     sys.modules.pop("MedGMAESlicer", None)
     parameters.parameter_node_wrapper_class.cache_clear()
 
@@ -223,6 +224,7 @@ def test_older_slicer_gets_one_message(monkeypatch, session):
         test.runTest()
         assert test.messages == [message]
     finally:
+        standin.close_opened_widgets()
         sys.modules.pop("MedGMAESlicer", None)
     # what an old Slicer (Python 3.9) reads before it can say so is valid Python 3.9 ...
     lib = REPO / "MedGMAESlicer" / "MedGMAESlicerLib"
@@ -254,6 +256,8 @@ def test_developer_reload_reloads_the_library(app, session):
     before = {name: dict(vars(sys.modules[f"MedGMAESlicerLib.{name}"])) for name in SUBMODULES}
     s.widget.onReload()
     assert s.widget.reloads == 1 and not s.widget.panel.jobTimer.active  # the old panel was cleaned up
+    new_widget = standin.opened_widgets[-1]
+    assert new_widget is not s.widget and new_widget.panel.jobTimer.active  # and a new one set up
     for name in SUBMODULES:
         module = sys.modules[f"MedGMAESlicerLib.{name}"]
         functions = [k for k, v in before[name].items() if callable(v) and getattr(v, "__module__", "") == module.__name__]
