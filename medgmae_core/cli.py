@@ -101,12 +101,15 @@ def _emit_error(args: argparse.Namespace, message: str, mark: int) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Run one parsed command; the one place user errors are reported (module docstring of ``errors``)."""
     from . import errors, progress
-    from .data import readers
 
     errors.begin_command(args.command)
     mark = progress.error_events_emitted()
     progress.reset_json_lines_used()
-    readers.set_resample_dicom(bool(getattr(args, "resample_dicom", False)))
+    resample_dicom = bool(getattr(args, "resample_dicom", False))
+    if resample_dicom:  # the one DICOM reader's default for this command (imported only when needed: it loads MONAI)
+        from .data import readers
+
+        readers.set_resample_dicom(True)
     try:
         for folder in _output_folders(args):
             errors.watch_output_dir(folder)
@@ -128,7 +131,8 @@ def run_command(args: argparse.Namespace) -> int:
         _emit_error(args, message, mark)
         return errors.EXIT_USER_ERROR
     finally:
-        readers.set_resample_dicom(False)
+        if resample_dicom:
+            readers.set_resample_dicom(False)
     errors.finish_command()
     return code
 

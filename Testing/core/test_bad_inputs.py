@@ -703,3 +703,51 @@ def test_disk_full_while_writing_names_the_output_not_a_temp_file(command, seg_c
     line = assert_clean_failure(command, code, stdout, stderr, (str(out), "disk full"))
     assert ".tmp" not in line
     assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- a new command gets it for free
+FAKE_COMMAND = '''
+import errno, os
+from pathlib import Path
+from medgmae_core import errors
+
+def add_arguments(parser):
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--fault", choices=("disk-full", "bad-value", "bug"), required=True)
+
+def main(args):
+    out = errors.make_output_dir(args.out)
+    staged = errors.StagedOutputs(staging_dir=out)
+    staged.path(out / "a.txt").write_text("written")
+    with errors.atomic_path(out / "b.bin") as tmp:
+        tmp.write_bytes(b"half")
+        if args.fault == "disk-full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        if args.fault == "bad-value":
+            raise ValueError("--fault: bad-value chosen")
+        1 / 0
+'''
+
+
+@pytest.mark.parametrize("fault,expected", [("disk-full", ("b.bin", "disk full")), ("bad-value", ("--fault",))])
+def test_a_new_command_gets_the_error_path_for_free(fault, expected, tmp_path, capsys, monkeypatch):
+    (tmp_path / "fake_medgmae_command.py").write_text(FAKE_COMMAND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_medgmae_command", "a command written after issue 13"))
+    out = tmp_path / "new" / "out"
+    code, stdout, stderr = run(["fake", "--out", str(out), "--fault", fault, "--progress-json"], capsys)
+    line = assert_clean_failure("fake", code, stdout, stderr, expected)
+    assert ".tmp" not in line
+    assert not (tmp_path / "new").exists()  # the folders it created, now empty, are gone too
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_a_bug_keeps_its_traceback_but_still_emits_error_and_cleans_up(tmp_path, capsys, monkeypatch):
+    (tmp_path / "fake_medgmae_command.py").write_text(FAKE_COMMAND)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_medgmae_command", "a command with a bug"))
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["fake", "--out", str(tmp_path / "out"), "--fault", "bug", "--progress-json"])
+    events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert events[-1]["event"] == "error" and events[-1]["message"].startswith("internal error: ZeroDivisionError")
+    assert not (tmp_path / "out").exists() and temp_leftovers(tmp_path) == []
