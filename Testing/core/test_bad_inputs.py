@@ -751,3 +751,70 @@ def test_a_bug_keeps_its_traceback_but_still_emits_error_and_cleans_up(tmp_path,
     events = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert events[-1]["event"] == "error" and events[-1]["message"].startswith("internal error: ZeroDivisionError")
     assert not (tmp_path / "out").exists() and temp_leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- synthetic DICOM series checks
+def _write_dicom_series(folder: Path, positions, orientations=None, size: int = 12) -> Path:
+    """A tiny CT series written with SimpleITK: one 16-bit slice per position (mm along z)."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True)
+    uid = "1.2.826.0.1.3680043.2.1125.13"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i, z in enumerate(positions):
+        img = sitk.GetImageFromArray(np.random.default_rng(i).integers(-1000, 1000, (1, size, size)).astype(np.int16))
+        ori = orientations[i] if orientations else (1, 0, 0, 0, 1, 0)
+        for key, value in {"0008|0060": "CT", "0020|000e": uid, "0020|000d": uid + ".0", "0020|0013": str(i + 1),
+                           "0020|0032": f"0\\0\\{z}", "0020|0037": "\\".join(str(v) for v in ori),
+                           "0028|0030": "1\\1", "0008|0018": f"{uid}.{i + 1}",
+                           "0008|0016": "1.2.840.10008.5.1.4.1.1.2"}.items():
+            img.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
+        writer.Execute(img)
+    return folder
+
+
+tilted = (1, 0, 0, 0, 0.8, 0.6)
+DICOM_SERIES = [  # (name, positions, orientations, expected message parts or None for a good series)
+    ("uniform", [0, 2, 4, 6, 8], None, None),
+    ("gap", [0, 2, 4, 8, 10], None, ("not uniform", "4 mm between slice002.dcm and slice003.dcm",
+                                     "about 1 slice(s) missing", "--resample-dicom")),
+    ("uneven", [0, 2, 4, 5.5, 8], None, ("not uniform", "slice002.dcm and slice003.dcm")),
+    ("duplicate", [0, 2, 4, 4, 6], None, ("same position", "slice002.dcm and slice003.dcm")),
+    ("mixed orientation", [0, 2, 4, 6, 8], [None, None, tilted, None, None],
+     ("orientation differs", "slice002.dcm")),
+]
+
+
+@pytest.mark.parametrize("name,positions,orientations,expected", DICOM_SERIES, ids=[d[0] for d in DICOM_SERIES])
+def test_dicom_series_positions_are_checked(name, positions, orientations, expected, tmp_path):
+    from medgmae_core.data.readers import read_dicom_series, read_image
+    from medgmae_core.errors import InputError
+
+    if orientations:
+        orientations = [o or (1, 0, 0, 0, 1, 0) for o in orientations]
+    folder = _write_dicom_series(tmp_path / "series", positions, orientations)
+    if expected is None:
+        array, affine = read_image(folder)
+        assert array.shape == (12, 12, 5)
+        np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), [1, 1, 2], atol=1e-6)
+        return
+    with pytest.raises(InputError) as info:
+        read_image(folder)
+    for part in expected:
+        assert part in str(info.value), (part, str(info.value))
+    if name == "gap":  # resampled: 6 uniform slices, the known ones unchanged, the missing one interpolated
+        import SimpleITK as sitk
+
+        image = read_dicom_series(folder, resample=True)
+        array = sitk.GetArrayFromImage(image)
+        assert array.shape == (6, 12, 12) and image.GetSpacing()[2] == pytest.approx(2.0)
+        slices = [sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"slice{i:03d}.dcm")))[0].astype(np.float32)
+                  for i in range(5)]  # at z = 0, 2, 4, 8, 10
+        for k, i in ((0, 0), (1, 1), (2, 2), (4, 3), (5, 4)):
+            np.testing.assert_array_equal(array[k], slices[i])
+        np.testing.assert_allclose(array[3], 0.5 * (slices[2] + slices[3]), atol=1e-3)  # z = 6, interpolated
+    if name in ("duplicate", "mixed orientation"):  # resampling cannot fix these: still refused
+        with pytest.raises(InputError):
+            read_dicom_series(folder, resample=True)

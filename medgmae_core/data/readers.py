@@ -227,8 +227,8 @@ def read_dicom_series(folder: str | Path, files: Sequence[str] | None = None, *,
     if not check.uniform:
         parts = []
         if check.unreadable:
-            parts.append(f"{len(check.unreadable)} file(s) could not be read: "
-                         + _name_list([f"{n} ({r})" for n, r in check.unreadable.items()]))
+            parts.append(f"{len(check.unreadable)} file(s) could not be read: "  # every one, by name
+                         + _name_list([f"{n} ({r})" for n, r in check.unreadable.items()], len(check.unreadable)))
         parts += check.problems
         detail = "; ".join(parts)
         if not resample or not fixable or len(check.files) < 2:
