@@ -10,9 +10,10 @@
   (no gaps, no duplicates). Such series are refused unless resampling is asked for (``--resample-dicom``,
   :func:`set_resample_dicom`), which linearly resamples the readable slices onto a uniform grid, as
   3D Slicer's DICOM loader offers to.
-* :class:`SimpleITKReader`: the MONAI reader (pre-training, fine-tuning) over the same SimpleITK path; NIfTI
-  goes through MONAI's own ``NibabelReader``. Arrays come out in index order (i, j, k) with a RAS affine,
-  exactly like ``NibabelReader``, so the rest of the MONAI pipeline cannot tell them apart.
+* :class:`SimpleITKReader`: a MONAI ``ImageReader`` over the same SimpleITK path (DICOM folders go through
+  :func:`read_dicom_series`). The MONAI pipelines (pre-training, fine-tuning) load with
+  ``data.transforms.LoadCTd``, which calls :func:`read_image`. Arrays come out in index order (i, j, k) with a
+  RAS affine, exactly like MONAI's ``NibabelReader``, so the rest of the MONAI pipeline cannot tell them apart.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Label maps and CTs as (array in file voxel order, 4x4 RAS affine in mm); NIfTI out; grid checks.
 
-NIfTI goes through nibabel (voxel order and affine exactly as stored); DICOM series folders, NRRD and
-MetaImage through ``data.readers.SimpleITKReader`` (RAS affine, [i, j, k] arrays like NIfTI).
+Reading is ``data.readers.read_image``, the one reader every command uses: NIfTI through nibabel (voxel order
+and affine exactly as stored), DICOM series folders (checked), NRRD and MetaImage through SimpleITK (RAS affine,
+[i, j, k] arrays like NIfTI). Writing is atomic (temporary file, then rename).
 """
 from __future__ import annotations
 
