@@ -234,10 +234,22 @@ class WindowPrediction:
     seconds: float
 
 
+def mask_arguments(mask_policy: str | None, mask_ratio: float | None) -> dict:
+    """The keyword arguments for ``model.predict_gaussians``: only what the caller chose (the model's own
+    default inference mask policy applies otherwise, see ``model.medgmae.DEFAULT_MASK_POLICY``)."""
+    out = {}
+    if mask_policy is not None:
+        out["mask_policy"] = mask_policy
+    if mask_ratio is not None:
+        out["mask_ratio"] = mask_ratio
+    return out
+
+
 def predict_window(model, prepared: PreparedCT, *, centre_voxel=None, centre_ras=None,
-                   mask_ratio: float = 0.0, generator: torch.Generator | None = None) -> WindowPrediction:
+                   mask_policy: str | None = None, mask_ratio: float | None = None,
+                   generator: torch.Generator | None = None) -> WindowPrediction:
     """Predict the model window (``config.img_size``) centred on a voxel or RAS point of the prepared CT
-    (default: the volume centre)."""
+    (default: the volume centre). ``mask_policy`` / ``mask_ratio``: see ``MedGMAE.predict_gaussians``."""
     win = model_window_shape(model)
     if centre_ras is not None:
         centre_voxel = spatial.ras_to_voxel(np.asarray(centre_ras, dtype=np.float64), prepared.ijk_to_ras)
@@ -246,7 +258,7 @@ def predict_window(model, prepared: PreparedCT, *, centre_voxel=None, centre_ras
     offset = centred_offset(centre_voxel, prepared.shape, win)
     t0 = time.perf_counter()
     x = extract_window(prepared.volume, offset, win)[None, None].to(_model_device(model))  # [1, 1, d, h, w]
-    local = model.predict_gaussians(x, mask_ratio=mask_ratio, generator=generator).detach().to("cpu")
+    local = model.predict_gaussians(x, **mask_arguments(mask_policy, mask_ratio), generator=generator).detach().to("cpu")
     merged = spatial.window_to_volume(local, offset, win, prepared.shape)
     return WindowPrediction(offset, local, merged, time.perf_counter() - t0)
 
@@ -269,28 +281,35 @@ PredictFn = Callable[[torch.Tensor], GaussianSet]
 
 def merge_window_gaussians(window_sets: Sequence[GaussianSet], grid: WindowGrid) -> tuple[GaussianSet, list[int]]:
     """Map each window's Gaussians (window ``t``'s coords, batch 1) to volume coords and keep those whose centre
-    lies in window ``t``'s partition cell. Returns the merged ``[1, n]`` set and the count kept per window."""
+    lies in window ``t``'s partition cell and inside the volume (within half a voxel of its first and last voxel
+    centres: windows padded past the edge predict Gaussians in the padding, which is not the CT). Returns the
+    merged ``[1, n]`` set and the count kept per window."""
     if len(window_sets) != len(grid):
         raise ValueError(f"{len(window_sets)} window Gaussian sets for a grid of {len(grid)} windows")
     kept, counts = [], []
     extent = torch.tensor([n - 1 for n in grid.volume_shape], dtype=torch.float64)
     for t, local in enumerate(window_sets):
         mapped = spatial.window_to_volume(local, grid.offset(t), grid.window_shape, grid.volume_shape)
-        keep = grid.in_cell(t, mapped.centres[0].double() * extent.to(mapped.device))
+        voxel = mapped.centres[0].double() * extent.to(mapped.device)  # [n, 3]
+        inside = ((voxel >= -0.5) & (voxel <= extent.to(mapped.device) + 0.5)).all(-1)
+        keep = grid.in_cell(t, voxel) & inside
         kept.append(mapped.select(keep))
         counts.append(int(keep.sum()))
     return GaussianSet.cat(kept), counts
 
 
 def predict_volume(model, prepared: PreparedCT | torch.Tensor, *, overlap: int = DEFAULT_OVERLAP,
-                   batch_size: int = 2, mask_ratio: float = 0.0, pad_last: bool = False,
+                   batch_size: int = 2, mask_policy: str | None = None, mask_ratio: float | None = None,
+                   pad_last: bool = False,
                    stitch: bool = False, generator: torch.Generator | None = None,
                    predict_fn: PredictFn | None = None,
                    progress: Callable[[int, int], None] | None = None) -> VolumePrediction:
     """Sliding-window prediction over a whole prepared CT, merged without double counting (module docstring).
 
-    ``stitch=True`` (or ``mask_ratio > 0``) runs the model's full forward pass and also stitches its rendered
-    windows and patch masks into whole-volume ``pred`` / ``mask``. ``predict_fn`` replaces
+    Without ``stitch`` every window is predicted with ``model.predict_gaussians`` (``mask_policy`` /
+    ``mask_ratio`` as there; the model's default inference policy when both are None). ``stitch=True`` runs the
+    model's training-style forward pass with one random mask at ``mask_ratio`` (default: the training ratio) and
+    also stitches its rendered windows and patch masks into whole-volume ``pred`` / ``mask``. ``predict_fn`` replaces
     ``model.predict_gaussians`` (tests use a known-answer predictor); ``progress(done, total)`` is called per batch.
     """
     volume = prepared.volume if isinstance(prepared, PreparedCT) else prepared
@@ -301,7 +320,6 @@ def predict_volume(model, prepared: PreparedCT | torch.Tensor, *, overlap: int =
     win = model_window_shape(model)
     grid = window_grid(volume.shape, win, overlap, pad_last=pad_last)
     device = _model_device(model)
-    stitch = stitch or mask_ratio > 0
     t0 = time.perf_counter()
     sets: list[GaussianSet] = []
     pred = volume.new_zeros(volume.shape) if stitch else None
@@ -315,7 +333,7 @@ def predict_volume(model, prepared: PreparedCT | torch.Tensor, *, overlap: int =
                 was_training = model.training
                 model.eval()
                 try:
-                    out = model(x, mask_ratio=mask_ratio, generator=generator)
+                    out = model(x, mask_ratio=mask_ratio, generator=generator)  # None: the training ratio
                 finally:
                     model.train(was_training)
             batch_sets = out.gaussians.detach().to("cpu")
@@ -327,7 +345,8 @@ def predict_volume(model, prepared: PreparedCT | torch.Tensor, *, overlap: int =
         elif predict_fn is not None:
             batch_sets = predict_fn(x).detach().to("cpu")
         else:
-            batch_sets = model.predict_gaussians(x, mask_ratio=mask_ratio, generator=generator).detach().to("cpu")
+            batch_sets = model.predict_gaussians(x, **mask_arguments(mask_policy, mask_ratio),
+                                                 generator=generator).detach().to("cpu")
         if batch_sets.batch_size != len(idx):
             raise ValueError(f"predictor returned {batch_sets.batch_size} Gaussian sets for {len(idx)} windows")
         sets.extend(batch_sets[j] for j in range(len(idx)))
@@ -348,5 +367,5 @@ def _paste_cell(target: torch.Tensor, window: torch.Tensor, grid: WindowGrid, t:
 __all__ = [
     "DEFAULT_SPACING_MM", "DEFAULT_OVERLAP", "PreparedCT", "prepare_ct", "axis_offsets", "axis_boundaries",
     "WindowGrid", "window_grid", "extract_window", "centred_offset", "WindowPrediction", "predict_window",
-    "VolumePrediction", "merge_window_gaussians", "predict_volume", "model_window_shape",
+    "VolumePrediction", "merge_window_gaussians", "predict_volume", "model_window_shape", "mask_arguments",
 ]

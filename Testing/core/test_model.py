@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medgmae_core.gaussians import GaussianSet
-from medgmae_core.model import (CONFIG_NAMES, GaussianHeads, MedGMAE, ModelConfig, ModelOutput, VoxelMAE, build_model, get_config,
+from medgmae_core.model import (CONFIG_NAMES, MedGMAE, ModelConfig, ModelOutput, VoxelMAE, build_model, get_config,
                                 random_masking, sincos_position_embedding_3d)
 from medgmae_core.render import render_volume
 
@@ -47,17 +47,19 @@ def test_every_config_builds_with_expected_parameter_count(name):
     n_enc = sum(t.numel() for n, t in model.encoder.named_parameters() if "position_embeddings" not in n)
     assert n_enc == encoder
     decoder = (e * d + d) + cfg.num_gaussians * d + cfg.decoder_depth * block_params(d, int(d * cfg.mlp_ratio)) \
-        + 2 * d + (d + 1) * (3 + 3 + 4 + 1)
+        + 2 * d + (d + 1) * (3 + 3 + 4 + 1) + (d * d + d if cfg.decoder_context_radius > 0 else 0)  # context_proj
     n_dec = sum(t.numel() for n, t in model.decoder.named_parameters() if "pos_embed" not in n)
     assert n_dec == decoder
     assert model.encoder.patch_embedding.position_embeddings.shape == (1, cfg.num_patches, e)
     assert cfg.num_patches == 512 and cfg.img_size == (96, 96, 96)
 
 
-def test_large_matches_the_release():
+def test_large_is_the_papers_model():
     cfg = get_config("large")
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio) == (1536, 12, 16, 4.0)
-    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.num_gaussians) == (528, 8, 16, 128)
+    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.num_gaussians) == (528, 8, 16, 512)
+    tiny = get_config("tiny")
+    assert tiny.num_gaussians >= 512 and tiny.decoder_depth >= 4  # the CPU preset (issue 10)
     assert get_config("tiny").embed_dim == 192 and get_config("tiny").depth == 6 and get_config("tiny").num_heads == 3
 
 
@@ -191,47 +193,67 @@ def test_encoder_state_dict_loads_into_monai_vit():
 
 
 # --------------------------------------------------------------------------------- Gaussian heads
-def test_head_activations_and_initial_values():
-    model = small_model(num_gaussians=64, intensity_scale=1.0)
-    heads = model.decoder.heads
-    assert torch.allclose(heads.head_scale.bias, torch.full((3,), -1.386))
-    assert torch.allclose(heads.head_intensity.bias, torch.tensor([-0.405]))
+def test_free_heads_follow_the_scale_coupling():
+    model = small_model(num_gaussians=64, gaussian_layout="free", init_scale_ratio=0.8, intensity_scale=1.0)
+    heads, cfg = model.decoder.heads, model.config
+    assert torch.allclose(heads.head_scale.bias, torch.full((3,), -1.386), atol=1e-3)  # s0 = 0.8 / 64^(1/3) = 0.2
+    i0 = cfg.target_mean / (1.0 * (2 * math.pi) ** 1.5 * 0.8 ** 3)
+    assert torch.allclose(heads.head_intensity.bias, torch.tensor([math.log(i0 / (1 - i0))]), atol=1e-5)
     assert torch.count_nonzero(heads.head_centre.bias) == 0 and torch.count_nonzero(heads.head_rotation.bias) == 0
-    assert heads.head_scale.weight.std() < 0.02  # N(0, 0.01)
-    g = model.predict_gaussians(volume(2))
+    g = model.predict_gaussians(volume(2), mask_policy="none")
     assert g.num_gaussians == 64
-    # sigmoid(-1.386 + N(0, 0.01) . h): 0.2 up to the small random weights
     assert torch.allclose(g.scales.mean(), torch.tensor(0.2), atol=0.03)
-    assert g.scales.min() > 0.14 and g.scales.max() < 0.26
-    # xavier intensity weights spread I around sigmoid(-0.405) = 0.4 (one shared draw per model)
-    assert 0.1 < g.intensities.mean() < 0.8 and 0 < g.intensities.min() and g.intensities.max() < 1
     assert torch.allclose(g.quaternions.norm(dim=-1), torch.ones(2, 64), atol=1e-6)
     assert g.centres.min() >= 0 and g.centres.max() <= 1
-    # heads saturate through their activations, never past them
-    with torch.no_grad():
+    with torch.no_grad():  # heads saturate through their activations, never past them
         for head in (heads.head_centre, heads.head_scale, heads.head_intensity, heads.head_rotation):
             head.bias.fill_(50.0)
-    g = model.predict_gaussians(volume(1))
+    g = model.predict_gaussians(volume(1), mask_policy="none")
     assert torch.all(g.centres <= 1) and torch.all(g.scales <= 1) and torch.all(g.intensities <= 1)
-    assert torch.allclose(g.quaternions.norm(dim=-1), torch.ones(1, 64), atol=1e-6)
 
 
-def test_heads_on_a_neutral_feature_give_the_documented_initial_values():
-    heads = GaussianHeads(36)
+def test_anchored_heads_start_on_their_anchors_and_stay_bounded():
+    model = small_model(num_gaussians=64)  # 24^3 window, 4x4x4 anchors, cells of 6 voxels
+    cfg, heads = model.config, model.decoder.heads
+    assert cfg.anchor_grid_shape == (4, 4, 4)
+    h = torch.tensor(cfg.anchor_spacing)
+    assert torch.allclose(h, torch.full((3,), 24 / (4 * 23)))
+    g = model.predict_gaussians(volume(1), mask_policy="none")
+    # anchors at the cell centres: voxel (c + 0.5) * 6 - 0.5
+    expected = ((torch.arange(4) + 0.5) * 6 - 0.5) / 23
+    assert torch.allclose(heads.anchors[:4, 2], expected)
+    assert (g.centres[0] - heads.anchors).abs().max() < 0.3 * h.min()  # small head weights: near the anchor
+    s0 = torch.tensor(cfg.initial_scale)
+    assert torch.allclose(g.scales.mean(dim=(0, 1)), s0, rtol=0.15)
     with torch.no_grad():
-        heads.head_rotation.bias.copy_(torch.tensor([1.0, 0, 0, 0]))  # the zero quaternion has no direction
-        g = heads(torch.zeros(1, 3, 36))
-    assert torch.allclose(g.scales, torch.full((1, 3, 3), 0.2), atol=1e-3)
-    assert torch.allclose(g.intensities, torch.full((1, 3), 0.4), atol=1e-3)
-    assert torch.allclose(g.centres, torch.full((1, 3, 3), 0.5))
-    assert torch.allclose(g.quaternions, torch.tensor([1.0, 0, 0, 0]).expand(1, 3, 4))
+        heads.head_centre.bias.fill_(50.0)
+        heads.head_scale.bias.fill_(50.0)
+    g = model.predict_gaussians(volume(1), mask_policy="none")
+    assert torch.allclose(g.centres[0], heads.anchors + cfg.anchor_offset_ratio * h, atol=1e-5)
+    assert torch.allclose(g.scales[0], (cfg.max_scale_ratio * h).expand(64, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [64, 512, 2048])
+def test_initial_render_mean_matches_the_data_mean_for_any_k(k):
+    """Issue 10: the initial scale and intensity follow from k, so the first render is neither blank nor
+    k-times too bright. Windowed crops have mean ~0.3 (target_mean); check within 2x on a real-like input."""
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", img_size=48, patch_size=12, num_gaussians=k))
+    x = torch.rand(1, 1, 48, 48, 48) * 0.6  # mean 0.3
+    with torch.no_grad():
+        pred = model.render(model.predict_gaussians(x, mask_policy="none"))
+    data_mean = float(x.mean())
+    assert data_mean / 2 < float(pred.mean()) < 2 * data_mean
+    assert float(pred.max()) < 3 * model.config.peak_value  # no pile-up of overlapping Gaussians
+    c = model.config.effective_intensity_scale
+    assert math.isclose(c, model.config.peak_value / ((2 * math.pi) ** 1.5 * model.config.init_scale_ratio ** 3))
 
 
 def test_intensity_scale_and_render_match_prediction():
-    model = small_model()  # default intensity_scale 0.1
+    model = small_model()
     torch.manual_seed(1)
     out = model(volume(1))
-    assert 0 < out.gaussians.intensities.max() <= 0.1
+    assert 0 < out.gaussians.intensities.max() <= model.config.effective_intensity_scale
     again = render_volume(out.gaussians.detach(), (24, 24, 24), cutoff=model.config.render_cutoff)
     assert torch.allclose(again, out.pred[:, 0].detach(), atol=1e-5)
 
@@ -245,17 +267,50 @@ def test_queries_are_independent_of_the_mask():
 
 
 def test_predict_gaussians_valid_no_grad_and_restores_mode():
-    model = small_model(num_gaussians=12)
+    model = small_model(num_gaussians=8)
     model.train()
-    g = model.predict_gaussians(volume(2))
-    assert isinstance(g, GaussianSet) and g.num_gaussians == 12 and g.batch_size == 2
+    g = model.predict_gaussians(volume(2), mask_policy="none")
+    assert isinstance(g, GaussianSet) and g.num_gaussians == 8 and g.batch_size == 2
     assert not g.centres.requires_grad
     assert model.training
     g.validate()
     model.eval()
-    again = model.predict_gaussians(volume(2))  # mask_ratio 0: deterministic up to token order
+    again = model.predict_gaussians(volume(2), mask_policy="none")  # nothing hidden: deterministic
     assert not model.training
     assert torch.allclose(again.centres, g.centres, atol=1e-5)
+
+
+def test_mask_policies():
+    model = small_model(num_gaussians=64)  # L = 64 patches, 4 passes of 16 visible at ratio 0.75
+    x = volume(1)
+    counts = {p: model.predict_gaussians(x, mask_policy=p).num_gaussians for p in ("none", "single", "average", "hidden")}
+    assert counts == {"none": 64, "single": 64, "average": 256, "hidden": 64}
+    # the same generator seed gives the same masks: predictions repeat
+    a = model.predict_gaussians(x, mask_policy="hidden", generator=torch.Generator().manual_seed(5))
+    b = model.predict_gaussians(x, mask_policy="hidden", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.centres, b.centres)
+    # complementary masks: every patch visible in exactly one pass
+    noise = model.complementary_noise(1, 4, torch.Generator().manual_seed(0))
+    visible = torch.stack([model.forward_encoder(x, 0.75, None, noise[p])[1] == 0 for p in range(4)])  # [P, B, L]
+    assert torch.equal(visible.sum(0), torch.ones(1, 64, dtype=torch.long))
+    # "average" renders the mean of the passes' renders
+    avg = model.render(model.predict_gaussians(x, mask_policy="average", generator=torch.Generator().manual_seed(2)))
+    passes = [model.render(model._predict_once(x, 0.75, None, None, n))
+              for n in model.complementary_noise(1, 4, torch.Generator().manual_seed(2))]
+    assert torch.allclose(avg, torch.stack(passes).mean(0), atol=1e-5)
+    # "hidden": each Gaussian comes from a pass in which its anchor's patch was hidden
+    hidden = model.predict_gaussians(x, mask_policy="hidden", generator=torch.Generator().manual_seed(2))
+    per_pass = [model._predict_once(x, 0.75, None, None, n)
+                for n in model.complementary_noise(1, 4, torch.Generator().manual_seed(2))]
+    noise = model.complementary_noise(1, 4, torch.Generator().manual_seed(2))
+    for j in (0, 17, 63):  # k = L here: Gaussian j's anchor is patch j
+        shown = int(noise[0][0, j] // 16)
+        src = per_pass[(shown + 1) % 4]
+        assert torch.allclose(hidden.centres[0, j], src.centres[0, j])
+        assert visible.shape[0] == 4
+    with pytest.raises(ValueError, match="mask_policy"):
+        model.predict_gaussians(x, mask_policy="everything")
+    assert model.predict_gaussians(x, mask_ratio=0.0).num_gaussians == 64  # ratio 0 alone means "none"
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -316,37 +371,47 @@ def test_no_weight_decay_groups():
 
 
 # ------------------------------------------------------------------------------------- MedGMAE*
-def test_star_levels_structure_counts_and_residual_bounds():
-    model = small_model("gaussian_star", num_gaussians=4, star_multipliers=(2, 6), intensity_scale=1.0)
+def test_star_levels_are_relative_to_level_0_as_eq4():
+    model = small_model("gaussian_star", num_gaussians=8, star_multipliers=(2, 6))
     assert isinstance(model, MedGMAE) and len(model.levels) == 2
     out = model(volume(2))
-    sizes = [g.num_gaussians for g in out.levels]
-    assert sizes == [4, 8, 24] and out.gaussians.num_gaussians == 24 and model.num_output_gaussians == 24
-    parent0, lvl1, lvl2 = out.levels
+    assert [g.num_gaussians for g in out.levels] == [8, 16, 48] and model.num_output_gaussians == 48
+    base, lvl1, lvl2 = out.levels
     cfg = model.config
-
-    def parents(child: GaussianSet, parent: GaussianSet, m: int):
-        return parent.map(lambda t: t.repeat_interleave(m, dim=1))
-
-    for child, parent, m, shrink in ((lvl1, parent0, 2, 0.02), (lvl2, lvl1, 3, 0.05)):
-        p = parents(child, parent, m)
-        ds = child.scales - p.scales + shrink
-        assert ds.abs().max() <= cfg.star_scale_step + 1e-6
-        assert (child.centres - p.centres).abs().max() <= cfg.star_sigma_centre + 1e-6
-        assert (child.intensities - p.intensities).abs().max() <= cfg.star_sigma_intensity + 1e-6
-        assert torch.allclose(child.quaternions.norm(dim=-1), torch.ones_like(child.intensities), atol=1e-6)
-        # at initialisation a child is its parent shrunk by delta_s (residual heads start near 0)
-        assert torch.allclose(child.scales, p.scales - shrink, atol=0.02)
-    # saturated residuals reach exactly the documented bounds; scales clamp at star_min_scale
+    shrinks = cfg.star_level_shrinks
+    s0 = min(cfg.initial_scale)
+    assert math.isclose(shrinks[0], s0 * (1 - 2 ** (-1 / 3))) and math.isclose(shrinks[1], s0 * (1 - 6 ** (-1 / 3)))
+    # each level starts with the same render mean (its scale shrinks with its count)
+    means = [float(model.render(g).mean()) for g in out.levels]
+    assert max(means) / min(means) < 2.0  # the smaller children lose less mass past the edges
+    c = cfg.effective_intensity_scale
+    for child, m, shrink in ((lvl1, 2, shrinks[0]), (lvl2, 6, shrinks[1])):
+        ref = base.map(lambda t: t.repeat_interleave(m, dim=1))  # level 0, not the level above
+        ds = child.scales - ref.scales + shrink
+        assert ds.abs().max() <= cfg.star_scale_range + 1e-6
+        assert (child.centres - ref.centres).abs().max() <= cfg.star_centre_range + 1e-6
+        assert (child.intensities - ref.intensities).abs().max() <= c * cfg.star_sigma_intensity + 1e-6
+        assert torch.allclose(child.scales, ref.scales - shrink, atol=0.3 * cfg.star_scale_range)  # residuals start small
+    # saturated residuals reach exactly the documented bounds, from level 0; scales clamp at star_min_scale
     with torch.no_grad():
-        model.levels[0].delta_centre.bias.fill_(100.0)
-        model.levels[0].delta_scale.bias.fill_(-100.0)
+        model.levels[1].delta_centre.bias.fill_(100.0)
         model.levels[1].delta_scale.bias.fill_(-100.0)
-    sets = [model.predict_gaussians(volume(1), level=i) for i in range(3)]
-    assert torch.allclose(sets[1].centres, sets[0].centres.repeat_interleave(2, 1) + cfg.star_sigma_centre, atol=1e-5)
-    assert torch.allclose(sets[2].scales, torch.full_like(sets[2].scales, cfg.star_min_scale))
+    sets = [model.predict_gaussians(volume(1), level=i, mask_policy="none") for i in range(3)]
+    assert torch.allclose(sets[2].centres, sets[0].centres.repeat_interleave(6, 1) + cfg.star_centre_range, atol=1e-5)
+    lowest = (sets[0].scales.repeat_interleave(6, 1) - cfg.star_scale_range - shrinks[1]).clamp_min(cfg.star_min_scale)
+    assert torch.allclose(sets[2].scales, lowest, atol=1e-6)
     with pytest.raises(ValueError, match="level"):
         model.predict_gaussians(volume(1), level=3)
+
+
+def test_star_parent_relative_variant_chains_levels():
+    model = small_model("gaussian_star", num_gaussians=8, star_multipliers=(2, 6), star_relative_to="parent")
+    with torch.no_grad():
+        model.levels[1].delta_centre.bias.fill_(100.0)
+        model.levels[0].delta_centre.bias.fill_(100.0)
+    sets = [model.predict_gaussians(volume(1), level=i, mask_policy="none") for i in range(3)]
+    r = model.config.star_centre_range
+    assert torch.allclose(sets[2].centres, sets[0].centres.repeat_interleave(6, 1) + 2 * r, atol=1e-5)
 
 
 def test_star_sum_combines_all_levels_in_one_render():
@@ -355,7 +420,7 @@ def test_star_sum_combines_all_levels_in_one_render():
     assert out.gaussians.num_gaussians == 4 * (1 + 2 + 4) == model.num_output_gaussians
     again = render_volume(out.gaussians.detach(), (24, 24, 24))
     assert torch.allclose(again, out.pred[:, 0].detach(), atol=1e-5)
-    assert model.predict_gaussians(volume(1)).num_gaussians == 28
+    assert model.predict_gaussians(volume(1), mask_policy="none").num_gaussians == 28
 
 
 def test_star_levels_loss_is_mean_of_level_losses():

@@ -69,7 +69,7 @@ def test_shipped_example_configs_are_valid(name):
     given = pretrain.explicit_settings(args)
     cfg = pretrain.validate_settings({**{k: v for k, (v, _) in pretrain.SETTINGS.items()}, **given})
     config = pretrain.build_model_config(cfg)
-    assert config.img_size == (96, 96, 96) and cfg["data"] == "phantom:1"
+    assert config.img_size == (96, 96, 96) and cfg["data"] == ["phantom:1"]
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

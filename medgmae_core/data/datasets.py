@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from monai.transforms import Transform
 from torch.utils.data import DataLoader, Sampler
 
 from .readers import VOLUME_SUFFIXES, dicom_series_files, has_suffix, read_header
@@ -173,8 +174,11 @@ def error_message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class _Guarded:
-    """Turn a transform's exception into ``{"error": message}`` (so a CacheDataset survives bad files)."""
+class _Guarded(Transform):
+    """Turn a transform's exception into ``{"error": message}`` (so a CacheDataset survives bad files).
+
+    A MONAI ``Transform`` (deterministic): ``CacheDataset`` caches up to the first transform that is random
+    *or not a Transform*, so a plain callable here would disable the cache and re-read every case each time."""
 
     def __init__(self, transform) -> None:
         self.transform = transform
@@ -184,6 +188,17 @@ class _Guarded:
             return self.transform(data)
         except Exception as exc:  # reported and skipped by the caller
             return {"error": error_message(exc), "name": data.get("name")}
+
+
+class _LoadIfPath(Transform):
+    """Preprocess a case read from a path with ``from_file`` and an in-memory array with ``in_memory``, so
+    generated phantoms and files can be mixed in one training set."""
+
+    def __init__(self, from_file, in_memory) -> None:
+        self.from_file, self.in_memory = from_file, in_memory
+
+    def __call__(self, data):
+        return (self.from_file if isinstance(data[KEY], (str, Path)) else self.in_memory)(data)
 
 
 def derive_seed(*values: int) -> int:
@@ -211,8 +226,9 @@ class PretrainCrops(torch.utils.data.Dataset):
         self.cases = list(cases)
         self.seed = int(seed)
         self.crops_per_case = int(crops_per_case)
-        in_memory = not isinstance(self.cases[0][KEY], (str, Path))
-        preprocess = preprocess_transforms(spacing_mm, roi_size, load=not in_memory)
+        in_memory = any(not isinstance(c[KEY], (str, Path)) for c in self.cases)
+        preprocess = _LoadIfPath(preprocess_transforms(spacing_mm, roi_size, load=True),
+                                 preprocess_transforms(spacing_mm, roi_size, load=False))
         self.augment = augment_transforms(roi_size, num_samples=crops_per_case, pos=pos, neg=neg)
         if cache == "memory" or in_memory:
             self.base = CacheDataset(self.cases, transform=_Guarded(preprocess), num_workers=cache_workers or None,

@@ -1,5 +1,12 @@
-"""MedGMAE decoder: ``[cls, q_1..q_k, visible tokens]`` -> k Gaussians through four heads."""
+"""MedGMAE decoder: ``[cls, q_1..q_k, visible tokens]`` -> k Gaussians through four heads.
+
+Two layouts (``ModelConfig.gaussian_layout``): ``"anchored"`` gives query ``j`` a fixed anchor on a
+``g_D x g_H x g_W = k`` grid (its token carries the anchor's position; its centre and scale are bounded
+around the anchor), ``"free"`` is the paper's and release's positionless query tokens with centres anywhere.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -7,24 +14,56 @@ from torch import nn
 
 from ..gaussians import GaussianSet
 from .configs import ModelConfig
-from .vit import init_vit_weights, sincos_position_embedding_3d, transformer_blocks
+from .precision import fp32_autocast_off
+from .vit import (init_vit_weights, local_context, patch_coordinates, sincos_embedding_3d, sincos_position_embedding_3d,
+                  transformer_blocks)
 
-SCALE_BIAS = -1.386  # sigmoid(-1.386) ~= 0.2: initial sigma is 0.2 of the volume side
-INTENSITY_BIAS = -0.405  # sigmoid(-0.405) ~= 0.4
-MIN_SCALE = 1e-4  # keeps sigmoid underflow from producing a zero scale
+MIN_SCALE = 1e-4  # keeps sigmoid underflow from producing a zero scale (free layout)
+SMALL_INIT_STD = 0.01  # anchored heads start close to their biases: every Gaussian at its anchor
 
 
-def fp32_autocast_off(device_type: str):
-    """Context manager: autocast disabled (heads and renderer run in fp32)."""
-    return torch.autocast(device_type=device_type, enabled=False)
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def anchor_grid(config: ModelConfig) -> torch.Tensor:
+    """Anchor centres ``[k, 3]`` in normalised (D, H, W) coordinates: the centres of the ``g_D x g_H x g_W``
+    cells that tile the window, row-major. Cell ``c`` of ``g`` over ``N`` voxels is centred on voxel
+    ``(c + 0.5) * N / g - 0.5``, which for ``k = 512`` at 96^3 is exactly the centre of patch ``c``."""
+    axes = []
+    for n, g in zip(config.img_size, config.anchor_grid_shape):
+        voxel = (torch.arange(g, dtype=torch.float64) + 0.5) * n / g - 0.5
+        axes.append(voxel / (n - 1))
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [k, 3]
+
+
+def anchor_patch_coords(config: ModelConfig, anchors: torch.Tensor) -> torch.Tensor:
+    """Normalised anchors ``[k, 3]`` -> patch-index units (patch ``p``'s centre is ``p``), for the embedding."""
+    n = torch.tensor(config.img_size, dtype=torch.float64)
+    p = torch.tensor(config.patch_size, dtype=torch.float64)
+    return (anchors * (n - 1) + 0.5) / p - 0.5
+
+
+def anchor_patch_index(config: ModelConfig, anchors: torch.Tensor) -> torch.Tensor:
+    """The patch (row-major index into the ``L`` patches) that holds each anchor ``[k]``."""
+    coords = anchor_patch_coords(config, anchors).round().long()  # [k, 3]
+    gd, gh, gw = config.grid_size
+    coords = torch.stack([coords[:, 0].clamp(0, gd - 1), coords[:, 1].clamp(0, gh - 1), coords[:, 2].clamp(0, gw - 1)], 1)
+    return (coords[:, 0] * gh + coords[:, 1]) * gw + coords[:, 2]
 
 
 class GaussianHeads(nn.Module):
-    """Query features ``[B, k, dim]`` -> GaussianSet: centre sigmoid, scale sigmoid,
-    rotation L2-normalised, intensity sigmoid (initialisations from MEDGMAE.md). Runs in fp32."""
+    """Query features ``[B, k, dim]`` -> GaussianSet in head units (intensity in (0, 1)). Runs in fp32.
 
-    def __init__(self, dim: int):
+    ``"free"``: centre sigmoid over the window, scale sigmoid with bias ``logit(s0)``, rotation
+    L2-normalised, intensity sigmoid with bias ``logit(I0)`` (the paper's heads with the coupled ``s0, I0``).
+    ``"anchored"``: centre ``anchor + offset * h * tanh``, scale ``h * (lo + (hi - lo) * sigmoid)`` with
+    the bias giving ``s0``; weights start small so every Gaussian starts at its anchor with scale ``s0``.
+    """
+
+    def __init__(self, dim: int, config: ModelConfig):
         super().__init__()
+        self.layout = config.gaussian_layout
         self.head_centre = nn.Linear(dim, 3)
         self.head_scale = nn.Linear(dim, 3)
         self.head_rotation = nn.Linear(dim, 4)
@@ -33,23 +72,40 @@ class GaussianHeads(nn.Module):
             nn.init.xavier_uniform_(head.weight)
             nn.init.zeros_(head.bias)
         nn.init.normal_(self.head_scale.weight, std=0.01)
-        nn.init.constant_(self.head_scale.bias, SCALE_BIAS)
-        nn.init.constant_(self.head_intensity.bias, INTENSITY_BIAS)
+        nn.init.constant_(self.head_intensity.bias, _logit(config.initial_intensity))
+        if self.layout == "anchored":
+            lo, hi = config.min_scale_ratio, config.max_scale_ratio
+            self.register_buffer("anchors", anchor_grid(config).float(), persistent=False)  # [k, 3]
+            self.register_buffer("spacing", torch.tensor(config.anchor_spacing, dtype=torch.float32),
+                                 persistent=False)  # [3]
+            self.scale_range = (lo, hi)
+            self.offset_ratio = config.anchor_offset_ratio
+            nn.init.constant_(self.head_scale.bias, _logit((config.init_scale_ratio - lo) / (hi - lo)))
+            nn.init.normal_(self.head_centre.weight, std=SMALL_INIT_STD)
+            nn.init.normal_(self.head_intensity.weight, std=SMALL_INIT_STD)
+        else:
+            nn.init.constant_(self.head_scale.bias, _logit(config.initial_scale[0]))
 
     def forward(self, h: torch.Tensor) -> GaussianSet:
         with fp32_autocast_off(h.device.type):
             h = h.float()  # [B, k, dim]
-            centres = torch.sigmoid(self.head_centre(h))  # [B, k, 3] in (0, 1)
-            scales = torch.sigmoid(self.head_scale(h)).clamp_min(MIN_SCALE)  # [B, k, 3]
             quats = F.normalize(self.head_rotation(h), dim=-1)  # [B, k, 4] unit (w, x, y, z)
             intensities = torch.sigmoid(self.head_intensity(h)).squeeze(-1)  # [B, k]
+            if self.layout == "anchored":
+                lo, hi = self.scale_range
+                centres = self.anchors + self.offset_ratio * self.spacing * torch.tanh(self.head_centre(h))
+                scales = self.spacing * (lo + (hi - lo) * torch.sigmoid(self.head_scale(h)))  # [B, k, 3]
+            else:
+                centres = torch.sigmoid(self.head_centre(h))  # [B, k, 3] in (0, 1)
+                scales = torch.sigmoid(self.head_scale(h)).clamp_min(MIN_SCALE)  # [B, k, 3]
         return GaussianSet(centres, scales, quats, intensities)
 
 
 class GaussianDecoder(nn.Module):
-    """Projects the encoder output to the decoder width, prepends ``k`` learnable queries (no
-    position) after the cls token, adds the decoder position embedding to the visible tokens,
-    runs the decoder blocks and reads the Gaussians off the query positions 1..k."""
+    """Projects the encoder output to the decoder width, puts ``k`` query tokens after the cls token
+    (anchored: learnable embedding + the anchor's sine-cosine position; free: learnable, no position),
+    adds the decoder position embedding to the visible tokens, runs the decoder blocks and reads the
+    Gaussians off the query positions 1..k."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -59,11 +115,22 @@ class GaussianDecoder(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_gaussians, dim))
         pos = sincos_position_embedding_3d(config.grid_size, dim)[None]  # [1, L, dim]
         self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)
+        if config.gaussian_layout == "anchored":
+            anchors = anchor_patch_coords(config, anchor_grid(config))
+            query_pos = sincos_embedding_3d(anchors, dim)[None]  # [1, k, dim]
+        else:
+            anchors = torch.full((config.num_gaussians, 3), float("nan"))
+            query_pos = torch.zeros(1, config.num_gaussians, dim)
+        self.register_buffer("query_pos_embed", query_pos, persistent=False)
+        self.context_radius = config.decoder_context_radius if config.gaussian_layout == "anchored" else 0.0
+        self.register_buffer("query_coords", anchors.float(), persistent=False)  # [k, 3] patch units
+        self.register_buffer("patch_coords", patch_coordinates(config.grid_size), persistent=False)  # [L, 3]
+        self.context_proj = nn.Linear(dim, dim) if self.context_radius > 0 else None
         self.decoder_blocks = transformer_blocks(dim, config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dim)
         self.apply(init_vit_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
-        self.heads = GaussianHeads(dim)  # after apply(): keeps its own initialisation
+        self.heads = GaussianHeads(dim, config)  # after apply(): keeps its own initialisation
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor
                 ) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
@@ -75,7 +142,11 @@ class GaussianDecoder(nn.Module):
         ids_keep = torch.argsort(ids_restore, dim=1)[:, :n_keep]  # [B, L_keep]: the visible patches
         pos = self.decoder_pos_embed.expand(batch, -1, -1)
         pos = torch.gather(pos, 1, ids_keep[..., None].expand(-1, -1, pos.shape[-1]))  # [B, L_keep, dim]
-        queries = self.query_tokens.expand(batch, -1, -1)  # [B, k, dim]
+        queries = (self.query_tokens + self.query_pos_embed).expand(batch, -1, -1)  # [B, k, dim]
+        if self.context_proj is not None:
+            visible_coords = self.patch_coords[ids_keep]  # [B, L_keep, 3]
+            context = local_context(self.query_coords, visible_coords, x[:, 1:], self.context_radius)  # [B, k, dim]
+            queries = queries + self.context_proj(context)
         x = torch.cat([x[:, :1], queries, x[:, 1:] + pos], dim=1)  # [B, 1 + k + L_keep, dim]
         for block in self.decoder_blocks:
             x = block(x)

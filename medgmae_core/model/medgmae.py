@@ -13,13 +13,25 @@ from torch import nn
 
 from ..gaussians import GaussianSet
 from ..render import render_volume
-from .configs import ModelConfig
-from .gaussian_decoder import GaussianDecoder, fp32_autocast_off
+from .configs import ModelConfig, get_config
+from .gaussian_decoder import GaussianDecoder, anchor_grid, anchor_patch_index
+from .precision import fp32_autocast_off
 from .residual_levels import build_residual_levels
-from .vit import ViTEncoder3D, random_masking
+from .vit import ViTEncoder3D
 from .voxel_decoder import VoxelDecoder
 
 NO_DECAY_TOKENS = ("cls_token", "query_tokens", "mask_token", "child_embed")
+
+# How prediction hides patches (the decoder was only ever trained with mask_ratio of them hidden):
+#   "none"    nothing hidden: all L tokens visible, which training never shows the decoder;
+#   "single"  one random mask at the training ratio (the visible region is predicted too, unsupervised);
+#   "average" n = 1 / (1 - ratio) complementary masks (each patch visible in exactly one pass), the union of
+#             the n sets with intensity / n: renders the mean of the n predictions;
+#   "hidden"  the same n passes; each Gaussian is taken from a pass in which its anchor's patch was hidden,
+#             so every one of the k Gaussians is a prediction of unseen tissue (anchored layout only).
+# The default was chosen by measuring full-window PSNR on held-out windows (README, "Inference masks").
+MASK_POLICIES = ("none", "single", "average", "hidden")
+DEFAULT_MASK_POLICY = "average"
 
 
 @dataclass
@@ -68,10 +80,6 @@ class MaskedAutoencoder3D(nn.Module):
         m = mask.reshape(mask.shape[0], 1, gd, gh, gw)
         return m.repeat_interleave(pd, 2).repeat_interleave(ph, 3).repeat_interleave(pw, 4)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
-        """``[B, L, C]`` -> (kept ``[B, L_keep, C]``, mask ``[B, L]``, ids_restore ``[B, L]``)."""
-        return random_masking(x, mask_ratio, generator)
-
     # ------------------------------------------------------------ encoder
     def check_input(self, imgs: torch.Tensor) -> None:
         want = (self.config.in_chans, *self.config.img_size)
@@ -89,9 +97,20 @@ class MaskedAutoencoder3D(nn.Module):
         return ratio
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float | None = None,
-                        generator: torch.Generator | None = None):
-        """imgs ``[B, C, D, H, W]`` -> (latent ``[B, 1 + L_keep, E]``, mask ``[B, L]``, ids_restore ``[B, L]``)."""
-        return self.encoder(imgs, self.resolve_mask_ratio(mask_ratio), generator)
+                        generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+        """imgs ``[B, C, D, H, W]`` -> (latent ``[B, 1 + L_keep, E]``, mask ``[B, L]``, ids_restore ``[B, L]``);
+        ``noise [B, L]`` chooses the mask (lowest values kept) instead of ``generator``."""
+        return self.encoder(imgs, self.resolve_mask_ratio(mask_ratio), generator, noise)
+
+    def complementary_noise(self, batch: int, passes: int, generator: torch.Generator | None = None,
+                            device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[passes, B, L]`` masking noise for ``passes`` complementary masks: one random permutation of the
+        ``L`` patches per sample, cut into ``passes`` chunks; pass ``p`` keeps chunk ``p`` visible."""
+        length = self.num_patches
+        rank = torch.argsort(torch.rand(batch, length, generator=generator), dim=1)  # [B, L] a permutation
+        chunk = length // passes
+        noise = torch.stack([((rank - p * chunk) % length).float() for p in range(passes)])  # [P, B, L]
+        return noise.to(device)
 
     # ----------------------------------------------------------- training
     def no_weight_decay(self) -> set[str]:
@@ -149,13 +168,14 @@ class MedGMAE(MaskedAutoencoder3D):
         gaussians, features, context = self.decoder(latent, ids_restore)  # head units
         sets = [gaussians]
         for level in self.levels:
-            gaussians, features = level(gaussians, features, context)
+            reference = sets[0] if self.config.star_relative_to == "base" else gaussians
+            gaussians, features = level(reference, features, context)
             sets.append(gaussians)
         return [self.to_volume_units(g) for g in sets]
 
     def to_volume_units(self, gaussians: GaussianSet) -> GaussianSet:
-        """Head-unit intensities (0, 1) -> rendered units: times ``config.intensity_scale``."""
-        scale = self.config.intensity_scale
+        """Head-unit intensities (0, 1) -> rendered units: times ``c`` (``config.effective_intensity_scale``)."""
+        scale = self.config.effective_intensity_scale
         return GaussianSet(gaussians.centres, gaussians.scales, gaussians.quaternions, gaussians.intensities * scale)
 
     def render(self, gaussians: GaussianSet) -> torch.Tensor:
@@ -189,21 +209,54 @@ class MedGMAE(MaskedAutoencoder3D):
         return ModelOutput(loss, preds[-1], mask, sets[-1], sets if len(sets) > 1 else None)
 
     @torch.no_grad()
-    def predict_gaussians(self, volume: torch.Tensor, mask_ratio: float = 0.0, level: int | None = None,
-                          generator: torch.Generator | None = None) -> GaussianSet:
-        """Gaussians for ``volume [B, 1, D, H, W]`` (HU-windowed to [0, 1]), in eval mode and
-        without gradients; the module's train/eval mode is restored afterwards.
+    def predict_gaussians(self, volume: torch.Tensor, mask_policy: str | None = None, level: int | None = None,
+                          generator: torch.Generator | None = None, mask_ratio: float | None = None) -> GaussianSet:
+        """Gaussians for ``volume [B, 1, D, H, W]`` (HU-windowed to [0, 1]), in eval mode and without
+        gradients; the module's train/eval mode is restored afterwards.
 
-        ``level`` (MedGMAE* only): 0, 1 or 2 picks one level; ``None`` gives the output set
-        (finest level, or the union for ``star_combine="sum"``)."""
+        ``mask_policy``: one of :data:`MASK_POLICIES` (default :data:`DEFAULT_MASK_POLICY`; ``"hidden"`` falls
+        back to ``"average"`` for the free layout, which has no anchors). ``mask_ratio`` (the training ratio
+        by default) sets the masks of ``"single"``, ``"average"`` and ``"hidden"``; masks are drawn from
+        ``generator`` (seed 0 when None, so predictions repeat). ``mask_ratio=0`` alone means ``"none"``.
+        ``level`` (MedGMAE* only): 0, 1 or 2 picks one level; ``None`` gives the output set (finest level,
+        or the union for ``star_combine="sum"``)."""
+        policy = self.resolve_mask_policy(mask_policy, mask_ratio)
+        ratio = self.resolve_mask_ratio(mask_ratio)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
         was_training = self.training
         self.eval()
         try:
             self.check_input(volume)
-            latent, _, ids_restore = self.forward_encoder(volume, mask_ratio, generator)
-            sets = self.forward_decoder(latent, ids_restore)
+            if policy == "none":
+                return self._predict_once(volume, 0.0, level, generator, None)
+            if policy == "single":
+                return self._predict_once(volume, ratio, level, generator, None)
+            passes = max(2, round(1.0 / (1.0 - ratio)))
+            noise = self.complementary_noise(volume.shape[0], passes, generator, volume.device)  # [P, B, L]
+            ratio = 1.0 - 1.0 / passes  # each pass keeps exactly one chunk visible
+            outputs = [self._predict_once(volume, ratio, level, None, noise[p]) for p in range(passes)]
+            if policy == "average":
+                return GaussianSet.cat([GaussianSet(g.centres, g.scales, g.quaternions, g.intensities / passes)
+                                       for g in outputs])
+            return self._select_hidden(outputs, noise)
         finally:
             self.train(was_training)
+
+    def resolve_mask_policy(self, mask_policy: str | None, mask_ratio: float | None = None) -> str:
+        if mask_policy is None:
+            mask_policy = "none" if mask_ratio is not None and float(mask_ratio) == 0.0 else DEFAULT_MASK_POLICY
+        if mask_policy not in MASK_POLICIES:
+            raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {mask_policy!r}")
+        if mask_policy == "hidden" and self.config.gaussian_layout != "anchored":
+            mask_policy = "average"
+        if mask_policy != "none" and mask_ratio is not None and float(mask_ratio) == 0.0:
+            raise ValueError(f"mask_policy {mask_policy!r} hides patches; it needs mask_ratio > 0, got 0")
+        return mask_policy
+
+    def _predict_once(self, volume, ratio, level, generator, noise) -> GaussianSet:
+        latent, _, ids_restore = self.forward_encoder(volume, ratio, generator, noise)
+        sets = self.forward_decoder(latent, ids_restore)
         if level is not None:
             if not 0 <= level < len(sets):
                 raise ValueError(f"level must be in [0, {len(sets) - 1}] for objective {self.config.objective!r}, got {level}")
@@ -211,6 +264,33 @@ class MedGMAE(MaskedAutoencoder3D):
         if len(sets) > 1 and self.config.star_combine == "sum":
             return GaussianSet.cat(sets)
         return sets[-1]
+
+    def _select_hidden(self, outputs: list[GaussianSet], noise: torch.Tensor) -> GaussianSet:
+        """Per Gaussian, the pass after the one in which its anchor's patch was visible (there it is hidden)."""
+        passes = len(outputs)
+        n_out = outputs[0].num_gaussians
+        patch = anchor_patch_index(self.config, anchor_grid(self.config)).to(noise.device)  # [k]
+        patch = patch.repeat_interleave(n_out // patch.numel())  # children share their base anchor's patch
+        chunk = self.num_patches // passes
+        visible_pass = (noise[0][:, patch] // chunk).long().clamp_max(passes - 1)  # [B, n_out]: pass 0's rank
+        choose = (visible_pass + 1) % passes  # [B, n_out]
+        stacked = [torch.stack([getattr(g, f) for g in outputs]) for f in ("centres", "scales", "quaternions")]
+        pick = choose[None, ..., None]
+        centres, scales, quats = (t.gather(0, pick.expand(1, *t.shape[1:]))[0] for t in stacked)
+        inten = torch.stack([g.intensities for g in outputs]).gather(0, choose[None])[0]
+        return GaussianSet(centres, scales, quats, inten)
+
+
+def build_model(config: ModelConfig | dict | str) -> "MaskedAutoencoder3D":
+    """The model for ``config`` (a ModelConfig, its dict, or a preset name): ``MedGMAE`` for
+    the Gaussian objectives, ``VoxelMAE`` for ``objective="voxel"``."""
+    if isinstance(config, str):
+        config = get_config(config)
+    elif isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    elif not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig, dict or preset name, got {type(config).__name__}")
+    return MedGMAE(config) if config.is_gaussian else VoxelMAE(config)
 
 
 class VoxelMAE(MaskedAutoencoder3D):

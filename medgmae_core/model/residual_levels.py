@@ -1,15 +1,16 @@
-"""MedGMAE*: residual densification levels. Each child refines a parent with tanh-bounded residuals.
+"""MedGMAE*: residual densification levels. Each child refines a base Gaussian with tanh-bounded residuals.
 
-For a parent (mu_p, s_p, q_p, I_p) and a child feature h, with bounded residual heads:
+As the paper's Eq. 4, every level is written relative to level 0: for child ``i`` of level ``l`` with base
+Gaussian ``b = i // m_l`` (mu_0, s_0, q_0, I_0) and child feature h:
 
-    s   = max(s_p + step * tanh(a_s(h)) - delta_s, s_min)
-    mu  = mu_p + sigma_mu * tanh(a_mu(h))
-    I   = I_p + sigma_I * tanh(a_I(h))
-    q   = normalise(q_p + sigma_q * tanh(a_q(h)))
+    s   = max(s_0 + step * tanh(a_s(h)) - delta_s_l, s_min)
+    mu  = mu_0 + sigma_mu * tanh(a_mu(h))
+    I   = I_0 + sigma_I * tanh(a_I(h))
+    q   = normalise(q_0 + sigma_q * tanh(a_q(h)))
 
-(``step``=0.1, ``delta_s`` = 0.02 / 0.05 for levels 1 / 2, as in the paper; the sigma choices
-and their reasoning are documented on :class:`~medgmae_core.model.configs.ModelConfig`.)
-Centres and intensities are not clamped: a child may leave [0, 1] by at most ``sigma`` per level.
+``star_relative_to="parent"`` uses the level above instead of level 0 (a variant). The step, shrink and
+sigma values and their reasoning are documented on :class:`~medgmae_core.model.configs.ModelConfig`.
+Centres and intensities are not clamped: a child may leave [0, 1] by at most ``sigma_mu``.
 
 Child features: each child starts from its parent's feature plus a learnable per-child
 embedding, then one transformer block lets all children attend to each other (self-attention)
@@ -25,7 +26,7 @@ from monai.networks.blocks import TransformerBlock
 from torch import nn
 
 from ..gaussians import GaussianSet
-from .gaussian_decoder import fp32_autocast_off
+from .precision import fp32_autocast_off
 from .vit import init_vit_weights
 
 
@@ -57,28 +58,30 @@ class ResidualLevel(nn.Module):
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
 
-    def forward(self, parents: GaussianSet, parent_features: torch.Tensor, context: torch.Tensor
+    def forward(self, reference: GaussianSet, parent_features: torch.Tensor, context: torch.Tensor
                 ) -> tuple[GaussianSet, torch.Tensor]:
-        """parents (``n`` Gaussians), parent_features ``[B, n, dim]``, context ``[B, T, dim]`` ->
-        (children ``n * m``, child features ``[B, n * m, dim]``); child ``i*m + j`` belongs to parent ``i``."""
+        """reference (the ``n0`` base Gaussians, or the ``n`` parents for ``star_relative_to="parent"``),
+        parent_features ``[B, n, dim]``, context ``[B, T, dim]`` -> (children ``n * m``, child features
+        ``[B, n * m, dim]``); child ``i*m + j`` belongs to parent ``i`` and to reference ``(i*m + j) // (n*m/n_ref)``."""
         batch, n, dim = parent_features.shape
         m = self.children_per_parent
         h = parent_features[:, :, None] + self.child_embed  # [B, n, m, dim]
         h = h.reshape(batch, n * m, dim)  # [B, n*m, dim]
         h = self.block(h, context=context)  # [B, n*m, dim]
         h_norm = self.norm(h)
+        per_reference = n * m // reference.num_gaussians
 
-        def expand(t: torch.Tensor) -> torch.Tensor:  # [B, n, ...] -> [B, n*m, ...]
-            return t.repeat_interleave(m, dim=1)
+        def expand(t: torch.Tensor) -> torch.Tensor:  # [B, n_ref, ...] -> [B, n*m, ...]
+            return t.repeat_interleave(per_reference, dim=1)
 
         with fp32_autocast_off(h.device.type):
             h_norm = h_norm.float()
-            scales = expand(parents.scales) + self.scale_step * torch.tanh(self.delta_scale(h_norm)) - self.scale_shrink
+            scales = expand(reference.scales) + self.scale_step * torch.tanh(self.delta_scale(h_norm)) - self.scale_shrink
             scales = scales.clamp_min(self.min_scale)  # [B, n*m, 3]
-            centres = expand(parents.centres) + self.sigma_centre * torch.tanh(self.delta_centre(h_norm))  # [B, n*m, 3]
-            intensities = expand(parents.intensities) + self.sigma_intensity * torch.tanh(
+            centres = expand(reference.centres) + self.sigma_centre * torch.tanh(self.delta_centre(h_norm))  # [B, n*m, 3]
+            intensities = expand(reference.intensities) + self.sigma_intensity * torch.tanh(
                 self.delta_intensity(h_norm)).squeeze(-1)  # [B, n*m]
-            quats = F.normalize(expand(parents.unit_quaternions())
+            quats = F.normalize(expand(reference.unit_quaternions())
                                 + self.sigma_rotation * torch.tanh(self.delta_rotation(h_norm)), dim=-1)  # [B, n*m, 4]
         return GaussianSet(centres, scales, quats, intensities), h
 
@@ -86,11 +89,12 @@ class ResidualLevel(nn.Module):
 def build_residual_levels(config) -> nn.ModuleList:
     """Levels 1 and 2 of MedGMAE*: ``m1`` children per base Gaussian, then ``m2 / m1`` per level-1 Gaussian."""
     m1, m2 = config.star_multipliers
-    common = dict(scale_step=config.star_scale_step, min_scale=config.star_min_scale,
-                  sigma_centre=config.star_sigma_centre, sigma_intensity=config.star_sigma_intensity,
+    shrink1, shrink2 = config.star_level_shrinks
+    common = dict(scale_step=config.star_scale_range, min_scale=config.star_min_scale,
+                  sigma_centre=config.star_centre_range, sigma_intensity=config.star_sigma_intensity,
                   sigma_rotation=config.star_sigma_rotation)
     dim, heads = config.decoder_embed_dim, config.decoder_num_heads
     return nn.ModuleList([
-        ResidualLevel(dim, heads, config.mlp_ratio, m1, scale_shrink=config.star_scale_shrink[0], **common),
-        ResidualLevel(dim, heads, config.mlp_ratio, m2 // m1, scale_shrink=config.star_scale_shrink[1], **common),
+        ResidualLevel(dim, heads, config.mlp_ratio, m1, scale_shrink=shrink1, **common),
+        ResidualLevel(dim, heads, config.mlp_ratio, m2 // m1, scale_shrink=shrink2, **common),
     ])

@@ -15,17 +15,21 @@ from torch import nn
 
 
 def sincos_position_embedding_3d(grid_size: tuple[int, int, int], dim: int) -> torch.Tensor:
-    """Fixed 3D sine-cosine embedding ``[L, dim]``, ``L = D*H*W`` in row-major (d, h, w) order.
+    """Fixed 3D sine-cosine embedding ``[L, dim]`` of the patch grid, ``L = D*H*W`` in row-major (d, h, w) order."""
+    axes = [torch.arange(n, dtype=torch.float64) for n in grid_size]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [L, 3]
+    return sincos_embedding_3d(coords, dim)
 
-    Each axis gets ``dim/6`` frequencies ``1 / 10000^(j/(dim/6))``: ``[sin, cos]`` of the
-    patch index along D, then H, then W.
-    """
+
+def sincos_embedding_3d(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sine-cosine embedding ``[L, dim]`` of points ``coords [L, 3]`` given in patch-index units (patch ``p``'s
+    centre is ``p``; fractional values lie between patches). Each axis gets ``dim/6`` frequencies
+    ``1 / 10000^(j/(dim/6))``: ``[sin, cos]`` along D, then H, then W."""
     if dim % 6 != 0:
         raise ValueError(f"embedding dim {dim} must be divisible by 6 for a 3D sine-cosine position embedding")
     n_freq = dim // 6
     omega = 1.0 / 10000.0 ** (torch.arange(n_freq, dtype=torch.float64) / n_freq)  # [F]
-    axes = [torch.arange(n, dtype=torch.float64) for n in grid_size]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [L, 3]
+    coords = coords.to(torch.float64)
     parts = []
     for a in range(3):
         angle = coords[:, a, None] * omega[None]  # [L, F]
@@ -49,6 +53,21 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float) -
     return blocks
 
 
+def patch_coordinates(grid_size: tuple[int, int, int]) -> torch.Tensor:
+    """``[L, 3]`` patch-index coordinates (d, h, w) in row-major order, as the position embeddings use."""
+    axes = [torch.arange(n, dtype=torch.float32) for n in grid_size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def local_context(query_pos: torch.Tensor, key_pos: torch.Tensor, tokens: torch.Tensor, radius: float) -> torch.Tensor:
+    """Gaussian-weighted mean of ``tokens [B, K, D]`` at ``key_pos [B, K, 3]`` around each ``query_pos [Q, 3]``
+    (patch-index units), weights ``softmax(-|q - k|^2 / (2 radius^2))`` -> ``[B, Q, D]``. A fixed, local
+    cross-attention: a query starts from what the visible patches near it show."""
+    d2 = ((query_pos[None, :, None, :] - key_pos[:, None, :, :]) ** 2).sum(-1)  # [B, Q, K]
+    weights = torch.softmax(-d2 / (2.0 * radius ** 2), dim=-1)
+    return weights.to(tokens.dtype) @ tokens  # [B, Q, D]
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform linears with zero bias, unit LayerNorms."""
     if isinstance(module, nn.Linear):
@@ -60,9 +79,10 @@ def init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def random_masking(x: torch.Tensor, mask_ratio: float,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MAE per-sample masking by argsort of uniform noise.
+def random_masking(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE per-sample masking by argsort of uniform noise (or of a given ``noise [B, L]``: the lowest
+    ``L_keep`` values are kept, which is how complementary inference masks are chosen).
 
     x ``[B, L, C]`` -> (kept tokens ``[B, L_keep, C]``, mask ``[B, L]`` with 1 = masked,
     ids_restore ``[B, L]``), ``L_keep = L - round(L * mask_ratio)``.
@@ -71,7 +91,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float,
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     batch, length, channels = x.shape
     len_keep = length - int(round(length * mask_ratio))
-    noise = torch.rand(batch, length, device=x.device, generator=generator)  # [B, L]
+    if noise is None:
+        noise = torch.rand(batch, length, device=x.device, generator=generator)  # [B, L]
+    elif tuple(noise.shape) != (batch, length):
+        raise ValueError(f"noise must have shape [B, L] = [{batch}, {length}], got {list(noise.shape)}")
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first len_keep are kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # [B, L]
     ids_keep = ids_shuffle[:, :len_keep]  # [B, L_keep]
@@ -125,11 +148,11 @@ class ViTEncoder3D(nn.Module):
     def num_patches(self) -> int:
         return math.prod(self.patch_embedding.grid_size)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imgs ``[B, C, D, H, W]`` -> (latent ``[B, 1 + L_keep, dim]``, mask ``[B, L]``, ids_restore ``[B, L]``)."""
         x = self.patch_embedding(imgs)  # [B, L, dim]
-        x, mask, ids_restore = random_masking(x, mask_ratio, generator)  # [B, L_keep, dim]
+        x, mask, ids_restore = random_masking(x, mask_ratio, generator, noise)  # [B, L_keep, dim]
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # the cls token carries no position
         x = torch.cat([cls, x], dim=1)  # [B, 1 + L_keep, dim]
         for block in self.blocks:

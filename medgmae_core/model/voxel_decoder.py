@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig
-from .vit import init_vit_weights, sincos_position_embedding_3d, transformer_blocks
+from .vit import init_vit_weights, local_context, patch_coordinates, sincos_position_embedding_3d, transformer_blocks
 
 
 class VoxelDecoder(nn.Module):
@@ -24,6 +24,9 @@ class VoxelDecoder(nn.Module):
         self.decoder_blocks = transformer_blocks(dim, config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dim)
         self.decoder_pred = nn.Linear(dim, math.prod(config.patch_size) * config.in_chans)
+        self.context_radius = config.decoder_context_radius
+        self.register_buffer("patch_coords", patch_coordinates(config.grid_size), persistent=False)  # [L, 3]
+        self.context_proj = nn.Linear(dim, dim) if self.context_radius > 0 else None
         self.apply(init_vit_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -32,7 +35,15 @@ class VoxelDecoder(nn.Module):
         x = self.decoder_embed(latent)  # [B, 1 + L_keep, dim]
         batch, length = ids_restore.shape
         n_mask = length - (x.shape[1] - 1)
-        x_ = torch.cat([x[:, 1:], self.mask_token.expand(batch, n_mask, -1)], dim=1)  # [B, L, dim] shuffled
+        fill = self.mask_token.expand(batch, n_mask, -1)  # [B, L_mask, dim]
+        if self.context_proj is not None and n_mask:
+            order = torch.argsort(ids_restore, dim=1)  # [B, L]: kept patches first, then the masked ones
+            visible_coords = self.patch_coords[order[:, :length - n_mask]]  # [B, L_keep, 3]
+            masked_coords = self.patch_coords[order[:, length - n_mask:]]  # [B, L_mask, 3]
+            context = torch.stack([local_context(masked_coords[b], visible_coords[b:b + 1], x[b:b + 1, 1:],
+                                                 self.context_radius)[0] for b in range(batch)])
+            fill = fill + self.context_proj(context)
+        x_ = torch.cat([x[:, 1:], fill], dim=1)  # [B, L, dim] shuffled
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # [B, L, dim] patch order
         x = torch.cat([x[:, :1], x_ + self.decoder_pos_embed], dim=1)  # [B, 1 + L, dim]
         for block in self.decoder_blocks:

@@ -39,8 +39,8 @@ MEMORY_CACHE_MAX_CASES = 16  # cache="auto" keeps up to this many preprocessed v
 # Every setting: its default and one line of help. The CLI flag is --name-with-dashes.
 SETTINGS: dict[str, tuple[Any, str]] = {
     # data
-    "data": (None, "folder of NIfTI/NRRD/DICOM series, one volume, a MONAI datalist JSON, or phantom[:N] "
-                   "(N generated phantoms, default 8)"),
+    "data": (None, "one or more of: a folder of NIfTI/NRRD/DICOM series, one volume, a MONAI datalist JSON, "
+                   "phantom[:N] (N generated phantoms, seeds 0..N-1, default 8); all are used together"),
     "datalist_key": ("training", "key of the case list in a datalist JSON"),
     "spacing_mm": (1.5, "isotropic resampling spacing in mm"),
     "crops_per_case": (3, "random crops taken from each loaded case"),
@@ -125,6 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{help_text} (default: {default})" if default not in (None, False, {}) else help_text
         if isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif name == "data":
+            parser.add_argument(flag, nargs="+", metavar="DATA", default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(flag, type=types.get(name, str), choices=choices.get(name),
                                 default=argparse.SUPPRESS, help=help_text)
@@ -192,7 +194,8 @@ def validate_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = dict(cfg)
     if not cfg.get("data"):
         raise ValueError("no training data: pass --data FOLDER|FILE|DATALIST.json|phantom[:N] (or 'data:' in the YAML)")
-    cfg["data"] = str(cfg["data"])
+    data = cfg["data"] if isinstance(cfg["data"], (list, tuple)) else [cfg["data"]]
+    cfg["data"] = [str(d) for d in data]
     cfg["img_size"] = _size(cfg["img_size"], "img_size")
     cfg["patch_size"] = _size(cfg["patch_size"], "patch_size")
     cfg["phantom_shape"] = _size(cfg["phantom_shape"], "phantom_shape")
@@ -246,21 +249,25 @@ def build_data(cfg: dict[str, Any], report, verbose: bool = True):
     from ..data.datasets import (PretrainCrops, discover_volumes, parse_phantom_spec, phantom_cases,
                                  validate_volumes)
 
-    n_phantoms = parse_phantom_spec(cfg["data"])
-    if n_phantoms is not None:
-        cases = phantom_cases(n_phantoms, shape=cfg["phantom_shape"], spacing_mm=float(cfg["spacing_mm"]))
-    else:
-        found = discover_volumes(cfg["data"], cfg["datalist_key"])
+    cases, n_phantoms = [], 0
+    for spec in cfg["data"]:
+        n = parse_phantom_spec(spec)
+        if n is not None:
+            n_phantoms += n
+            cases += phantom_cases(n, shape=cfg["phantom_shape"], spacing_mm=float(cfg["spacing_mm"]))
+            continue
+        found = discover_volumes(spec, cfg["datalist_key"])
         if not found:
-            raise ValueError(f"no NIfTI/NRRD/MHA volumes or DICOM series found in {cfg['data']}")
-        cases = validate_volumes(found, report)
-        if not cases:
-            raise ValueError(f"no usable CT volumes in {cfg['data']}: {report.summary()}")
+            raise ValueError(f"--data {spec}: no NIfTI/NRRD/MHA volumes or DICOM series found")
+        usable = validate_volumes(found, report)
+        if not usable:
+            raise ValueError(f"--data {spec}: no usable CT volumes ({report.summary()})")
+        cases += usable
     cache = cfg["cache"]
     if cache == "auto":
         if cfg.get("cache_dir"):
             cache = "disk"
-        elif n_phantoms is not None or len(cases) <= MEMORY_CACHE_MAX_CASES:
+        elif n_phantoms or len(cases) <= MEMORY_CACHE_MAX_CASES:
             cache = "memory"
         else:
             cache = "none"
@@ -431,6 +438,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
                          "raise --steps to train further")
 
     dataset = build_data(cfg, report, verbose=info.is_main)
+    training_data = [str(c["name"]) for c in dataset.cases]  # what this checkpoint saw, for zero-shot checks
     ddp_model = wrap_model(model, info, device)
     reporter = None
     if info.is_main:
@@ -456,7 +464,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
         path = save_training_checkpoint(
             out_dir, step=step, keep_last=cfg["keep_last"], model=model, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, config=model_config, train_config={k: cfg[k] for k in SETTINGS if k != "resume"},
-            extra={"history": curve, "skipped": dict(report.reasons)})
+            extra={"history": curve, "skipped": dict(report.reasons), "training_data": training_data})
         write_loss_curve(curve, out_dir / "loss_curve.png", f"{model_config.name} / {model_config.objective}")
         from ..errors import untrack_temp
 
