@@ -41,12 +41,13 @@ def _check_outputs(res: dict, hu: np.ndarray, affine: np.ndarray, mask_ratio: fl
     corners = lambda shape, a: spatial.voxel_to_ras(np.array([[0, 0, 0], np.array(shape) - 1]), a)  # noqa: E731
     np.testing.assert_allclose(np.sort(corners(pred.shape, pred_aff), 0), np.sort(corners(hu.shape, affine), 0),
                                atol=3.1)
-    # every Gaussian is in the PLY, in RAS, near the CT
+    # every Gaussian is in the PLY, in RAS, and centred inside the CT (issue 10: none from the padding)
     back = ply.read_gaussians_ply(out["ply"])
-    assert back.coords == "ras" and back.gaussians.num_gaussians == res["gaussians"] == res["windows"] * 64
+    assert back.coords == "ras" and back.gaussians.num_gaussians == res["gaussians"]
+    assert 0 < res["gaussians"] <= res["windows"] * 512
     centres_ras, _ = spatial.gaussians_to_world(back.gaussians, back.shape, back.ijk_to_ras)
     lo, hi = np.sort(corners(hu.shape, affine), 0)
-    margin = 0.5 * (hi - lo) + 100
+    margin = 3.5  # mm: half a prepared voxel plus the prepared grid's offset from the input's corners
     assert np.all((centres_ras > lo - margin) & (centres_ras < hi + margin))
     # the Slicer scene holds the CT, mask, prediction and glyph model
     scene = slicer_scene.read_scene(out["scene"]).scene

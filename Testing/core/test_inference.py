@@ -225,3 +225,20 @@ def test_prepare_ct_matches_monai_inference_transforms_without_resampling():
                                                                      affine=torch.from_numpy(affine))})["image"]
     np.testing.assert_allclose(ours.volume.numpy(), np.asarray(ref[0]), atol=1e-6)
     np.testing.assert_allclose(ours.ijk_to_ras, np.asarray(ref.affine), atol=1e-6)
+
+
+def test_merged_gaussians_are_centred_inside_the_ct():
+    """Issue 10 item 9: windows padded past the CT's edge predict Gaussians in the padding; none is kept."""
+    volume = torch.rand(20, 12, 9)  # smaller than the window on every axis: one centred, zero-padded window
+    k = 64
+
+    class Everywhere(KnownAnswerModel):
+        def predict_gaussians(self, x, mask_ratio=0.0, generator=None):
+            g = torch.Generator().manual_seed(1)
+            return GaussianSet.random(x.shape[0], k, sigma_range=(0.02, 0.06), generator=g)  # all over the window
+
+    model = Everywhere(known_gaussians(), volume.shape, WINDOW)
+    result = inference.predict_volume(model, volume, overlap=0)
+    vox = result.gaussians.centres[0].double() * (torch.tensor(volume.shape) - 1)
+    assert 0 < result.gaussians.num_gaussians < k  # some fell in the padding and were dropped
+    assert bool(((vox >= -0.5) & (vox <= torch.tensor(volume.shape) - 0.5)).all())

@@ -31,7 +31,7 @@ NO_DECAY_TOKENS = ("cls_token", "query_tokens", "mask_token", "child_embed")
 #             so every one of the k Gaussians is a prediction of unseen tissue (anchored layout only).
 # The default was chosen by measuring full-window PSNR on held-out windows (README, "Inference masks").
 MASK_POLICIES = ("none", "single", "average", "hidden")
-DEFAULT_MASK_POLICY = "average"
+DEFAULT_MASK_POLICY = "none"
 
 
 @dataclass
