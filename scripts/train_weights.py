@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Train the bundled weights with ``medgmae pretrain`` and slim them into ``medgmae_core/weights/``.
+
+The recipe of ``medgmae_core/weights/medgmae_tiny.pt`` (issue 10): the ``tiny`` configuration (anchored
+Gaussian queries with local context, k = 512, decoder depth 4), batch 2, AdamW lr 3e-4, 100 warmup steps,
+cosine to 0.1 x lr, one torch thread, on 24 generated phantoms (seeds 0..23), ``example_ct.nii.gz`` and the
+``example_ct_dicom`` series of ``../shared/data/ct/totalsegmentator``. The chest CTA there is NOT trained on:
+it is the held-out real CT of ``benchmarks/pretrain_quality.py`` and ``benchmarks/recon_init.py``.
+
+    .venv/bin/python scripts/train_weights.py --steps 15000 --work runs/medgmae_tiny            # resumable
+    .venv/bin/python scripts/train_weights.py --objective voxel --work runs/voxel_tiny --dest runs/voxel_tiny.pt
+
+Re-running with the same ``--work`` resumes exactly (a step's crops and masks depend only on the seed and the
+step). ``--slim-only`` skips training and slims ``--work``'s ``last.pt``. The slim copy keeps the model weights,
+config, step, the training list and the recipe; no optimiser state.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CT = Path("..") / "shared" / "data" / "ct" / "totalsegmentator"
+TRAINING_DATA = ["phantom:24", str(SHARED_CT / "example_ct.nii.gz"), str(SHARED_CT / "example_ct_dicom")]
+HELD_OUT = [str(SHARED_CT / "chest_cta_pulmonary_ct_cropped.nii.gz")]
+
+
+def slim_copy(checkpoint: Path, dest: Path, note: str) -> None:
+    """Model weights + config + provenance: what ``load_model`` needs, without the optimiser state."""
+    import torch
+
+    from medgmae_core.train.checkpoint import load_model, save_checkpoint
+
+    model, config = load_model(checkpoint)
+    full = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    extra = full.get("extra") or {}
+    history = extra.get("history")
+    save_checkpoint(dest, model=model, config=config, step=full["step"], train_config=full.get("train_config"),
+                    extra={"training_data": extra.get("training_data"), "held_out": HELD_OUT,
+                           "recipe": "scripts/train_weights.py", "note": note,
+                           "final_loss": float(history[-100:, 1].mean()) if history is not None and len(history) else None})
+    print(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MB, step {full['step']})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=15000)
+    parser.add_argument("--objective", default="gaussian", choices=("gaussian", "gaussian_star", "voxel"))
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "medgmae_tiny")
+    parser.add_argument("--dest", type=Path, default=REPO / "medgmae_core" / "weights" / "medgmae_tiny.pt")
+    parser.add_argument("--note", default="MedGMAE-Slicer CPU weights (tiny config); not the paper's weights")
+    parser.add_argument("--slim-only", action="store_true")
+    args = parser.parse_args()
+
+    if not args.slim_only:
+        cmd = [sys.executable, "-m", "medgmae_core.cli", "pretrain", "--data", *TRAINING_DATA,
+               "--model", "tiny", "--objective", args.objective, "--steps", str(args.steps), "--batch-size", "2",
+               "--lr", "3e-4", "--warmup-steps", "100", "--min-lr-ratio", "0.1", "--seed", "0",
+               "--checkpoint-every", "250", "--keep-last", "4", "--log-every", "10",
+               "--out-dir", str(args.work), "--resume", "auto"]
+        print("running:", " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
+                                                   "NUMBA_NUM_THREADS": "1"})
+        if code != 0:
+            return code
+    args.dest.parent.mkdir(parents=True, exist_ok=True)
+    slim_copy(args.work / "last.pt", args.dest, args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
