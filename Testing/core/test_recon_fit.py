@@ -7,6 +7,7 @@ import torch
 
 from medgmae_core.gaussians import GaussianSet
 from medgmae_core.recon.fit import (FitConfig, GaussianParams, ReconstructionFit, build_optimizer, densify_and_prune,
+                                    densify_candidates,
                                     DensifyStats, split_children, subvolume_gaussians, xyz_learning_rate)
 from medgmae_core.render import render_reference as render_volume  # dense, no JIT: tiny volumes here
 
@@ -153,6 +154,34 @@ def test_prune_and_caps():
     cfg.max_gaussians = 6
     counts = densify_and_prune(p, opt, stats, cfg, SHAPE)
     assert counts["cloned"] + counts["split"] == 2 and p.num_gaussians <= 6 + counts["split"]
+
+
+def test_relative_densify_criterion_is_scale_free():
+    grad = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]) * 1e-6  # all far below the absolute 2e-4
+    cfg = FitConfig(grad_threshold=2e-4, densify_fraction=0.2)
+    picked = densify_candidates(grad, cfg)
+    assert picked.tolist() == [False] * 9 + [True, True]  # the top 20% of the 10 moving Gaussians
+    relative = FitConfig(grad_threshold=math.inf, densify_fraction=0.2)
+    assert torch.equal(densify_candidates(grad, relative), picked)
+    assert torch.equal(densify_candidates(grad * 1e3, relative), picked)  # the same whatever the units
+    cfg.densify_fraction = 0.0
+    assert not densify_candidates(grad, cfg).any()  # absolute only: nothing reaches 2e-4
+    cfg.grad_threshold = 4.5e-6
+    assert densify_candidates(grad, cfg).sum() == 6  # absolute: 5e-6 .. 1e-5
+    cfg.densify_fraction = 0.2
+    assert densify_candidates(torch.zeros(5), cfg).sum() == 0  # Gaussians that never moved never densify
+    with pytest.raises(ValueError, match="densify_fraction"):
+        FitConfig(densify_fraction=1.5).validate()
+
+
+def test_relative_criterion_densifies_when_gradients_are_tiny():
+    p, opt, cfg = _params_with_state()
+    cfg.grad_threshold, cfg.densify_fraction = 1.0, 0.5
+    stats = DensifyStats.zeros(6, p.xyz)
+    stats.accumulate(torch.tensor([[1e-7, 0, 0], [2e-7, 0, 0], [3e-7, 0, 0], [4e-7, 0, 0], [5e-7, 0, 0],
+                                   [6e-7, 0, 0]]))
+    counts = densify_and_prune(p, opt, stats, cfg, SHAPE)
+    assert counts["cloned"] + counts["split"] == 3 and p.num_gaussians == 6 + 3
 
 
 def test_subvolume_render_matches_crop_of_full_render():

@@ -66,11 +66,26 @@ def gaussians_mm(gaussians: GaussianSet, geometry) -> tuple[torch.Tensor, torch.
 Vec3 = tuple  # three tensors (or floats) broadcasting to [B, C, k]
 
 
+def _is_zero(a) -> bool:
+    return isinstance(a, float) and a == 0.0
+
+
 def _quad(x: Vec3, y: Vec3, cov: tuple) -> torch.Tensor:
-    """``x^T Sigma y`` elementwise; ``cov`` = (S00, S11, S22, S01, S02, S12)."""
+    """``x^T Sigma y`` elementwise; ``cov`` = (S00, S11, S22, S01, S02, S12). Components given as the float 0.0
+    (the Jacobian's structural zeros) are skipped: the same sum with fewer tensor ops."""
     s00, s11, s22, s01, s02, s12 = cov
-    return (x[0] * y[0] * s00 + x[1] * y[1] * s11 + x[2] * y[2] * s22 + (x[0] * y[1] + x[1] * y[0]) * s01
-            + (x[0] * y[2] + x[2] * y[0]) * s02 + (x[1] * y[2] + x[2] * y[1]) * s12)
+    terms = []
+    for (a, b), s in (((0, 0), s00), ((1, 1), s11), ((2, 2), s22)):
+        if not (_is_zero(x[a]) or _is_zero(y[b])):
+            terms.append(x[a] * y[b] * s)
+    for (a, b), s in (((0, 1), s01), ((0, 2), s02), ((1, 2), s12)):
+        pair = [x[i] * y[j] for i, j in ((a, b), (b, a)) if not (_is_zero(x[i]) or _is_zero(y[j]))]
+        if pair:
+            terms.append((pair[0] + pair[1] if len(pair) == 2 else pair[0]) * s)
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
 
 
 def detector_jacobian(means: torch.Tensor, geometry, views: slice) -> tuple[torch.Tensor, torch.Tensor, Vec3, Vec3]:
@@ -512,6 +527,10 @@ def project_gaussians(gaussians: GaussianSet, geometry, *, cutoff: float = 3.0, 
     log.debug("project_gaussians: backend %s", name)
     means, cov, det3 = gaussians_mm(gaussians, geometry)
     chunk = view_chunk_size(gaussians.batch_size, gaussians.num_gaussians, geometry.n_views, max_chunk_mb)
+    if name == "numba" and chunk >= geometry.n_views:
+        # one chunk fits the memory budget: keep stage 1's autograd graph instead of recomputing it in backward
+        params = splat_params(means, cov, det3, gaussians.intensities, geometry, slice(0, geometry.n_views))
+        return splat_numba(params, geometry.rows, geometry.cols, float(cutoff))
     return _ProjectGaussians.apply(means, cov, det3, gaussians.intensities, geometry, float(cutoff), name, chunk)
 
 
