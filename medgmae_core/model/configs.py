@@ -191,10 +191,10 @@ class ModelConfig:
             raise ValueError(f"render_convention must be one of {RENDER_CONVENTIONS}, got {self.render_convention!r}")
         if self.gaussian_layout not in GAUSSIAN_LAYOUTS:
             raise ValueError(f"gaussian_layout must be one of {GAUSSIAN_LAYOUTS}, got {self.gaussian_layout!r}")
-        if not 0 < self.min_scale_ratio < self.init_scale_ratio < self.max_scale_ratio:
+        if self.gaussian_layout == "anchored" and not 0 < self.min_scale_ratio < self.init_scale_ratio < self.max_scale_ratio:
             raise ValueError("scale ratios must satisfy 0 < min_scale_ratio < init_scale_ratio < max_scale_ratio, got "
                              f"{self.min_scale_ratio}, {self.init_scale_ratio}, {self.max_scale_ratio}")
-        if self.gaussian_layout == "free" and not self.init_scale_ratio * self.num_gaussians ** (-1 / 3) < 1:
+        if self.gaussian_layout == "free" and not 0 < self.init_scale_ratio * self.num_gaussians ** (-1 / 3) < 1:
             raise ValueError(f"init_scale_ratio {self.init_scale_ratio} gives an initial scale >= 1 for "
                              f"num_gaussians {self.num_gaussians} (free layout: scales lie in (0, 1))")
         if self.decoder_context_radius < 0:
