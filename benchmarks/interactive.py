@@ -66,7 +66,7 @@ def record(name: str, seconds: float, peak_mb: float, target: dict | None, **ext
 
 
 def demo_checkpoint(tmp: Path) -> tuple[Path, str]:
-    from medgmae_core.demo import BUNDLED_WEIGHTS
+    from medgmae_core.train.checkpoint import BUNDLED_WEIGHTS
 
     if BUNDLED_WEIGHTS.is_file():
         return BUNDLED_WEIGHTS, f"bundled {BUNDLED_WEIGHTS.name}"

@@ -85,10 +85,11 @@ def pretrain(work: Path, objective: str, images: list[str], args: argparse.Names
 
 def finetune_one(work: Path, datalist: Path, encoder: Path | None, fraction: float, name: str,
                  args: argparse.Namespace) -> dict:
+    from medgmae_core.commands import finetune as finetune_command
     from medgmae_core.seg import finetune
 
     parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser)
+    finetune_command.add_arguments(parser)
     out = work / f"ft_{name}_{fraction:g}"
     argv = ["--data", str(datalist), "--label-map", str(TS / "labels_total_v2.json"), "--classes", ORGANS,
             "--label-fraction", str(fraction), "--spacing", str(args.spacing), "--roi", str(args.roi),

@@ -21,14 +21,15 @@ from pathlib import Path
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("medgmae_core.demo", "mask a CT (or the built-in phantom), predict Gaussians, write NIfTI/PLY/.mrb/PNG"),
-    "pretrain": ("medgmae_core.train.pretrain", "self-supervised pre-training (MedGMAE, MedGMAE* or voxel MAE)"),
-    "finetune": ("medgmae_core.seg.finetune", "fine-tune UNETR for segmentation from a pre-trained encoder"),
-    "segment": ("medgmae_core.seg.segment", "segment a CT with a fine-tuned checkpoint"),
-    "evaluate": ("medgmae_core.seg.evaluate", "Dice and HD95 of label maps against references"),
+    "demo": ("medgmae_core.commands.demo", "mask a CT (or the built-in phantom), predict Gaussians, write NIfTI/PLY/.mrb/PNG"),
+    "pretrain": ("medgmae_core.commands.pretrain", "self-supervised pre-training (MedGMAE, MedGMAE* or voxel MAE)"),
+    "finetune": ("medgmae_core.commands.finetune", "fine-tune UNETR for segmentation from a pre-trained encoder"),
+    "segment": ("medgmae_core.commands.segment", "segment a CT with a fine-tuned checkpoint"),
+    "evaluate": ("medgmae_core.commands.evaluate", "Dice and HD95 of label maps against references"),
     "reconstruct": ("medgmae_core.recon.cli", "3DGR-CT Gaussian reconstruction from projections"),
-    "render": ("medgmae_core.render.cli", "render a Gaussian PLY to a NIfTI volume (and a PNG overview)"),
+    "render": ("medgmae_core.commands.render", "render a Gaussian PLY to a NIfTI volume (and a PNG overview)"),
     "fit": ("medgmae_core.commands.fit", "fit Gaussians straight to a CT (or one window) with the renderer"),
+    "view": ("medgmae_core.commands.view", "browser viewer: slices, 3D glyphs, predict, thresholds, export"),
 }
 
 

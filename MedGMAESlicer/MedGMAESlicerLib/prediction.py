@@ -122,8 +122,8 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def default_checkpoint() -> Path:
-    """The bundled demo weights (``medgmae_core.demo.BUNDLED_WEIGHTS``; demo weights, not the paper's)."""
-    from medgmae_core.demo import BUNDLED_WEIGHTS
+    """The bundled demo weights (``medgmae_core.train.checkpoint.BUNDLED_WEIGHTS``; demo weights, not the paper's)."""
+    from medgmae_core.train.checkpoint import BUNDLED_WEIGHTS
     if not BUNDLED_WEIGHTS.is_file():
         raise FileNotFoundError(f"the bundled demo weights are missing ({BUNDLED_WEIGHTS}); choose a checkpoint file")
     return BUNDLED_WEIGHTS

@@ -618,7 +618,7 @@ def _lps_oblique_affine(shape) -> np.ndarray:
 
 @pytest.mark.parametrize("case", ["lps_oblique", "anisotropic"])
 def test_demo_nifti_outputs_are_on_the_input_grid(case, weights, tmp_path):
-    from medgmae_core import demo
+    from medgmae_core.commands import demo
 
     if case == "lps_oblique":
         shape = (34, 30, 14)

@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("slicer")
 
-from medgmae_core import cli, demo, spatial  # noqa: E402
+from medgmae_core import cli, spatial  # noqa: E402
+from medgmae_core.commands import demo  # noqa: E402
 from medgmae_core.export import glyphs, nifti, ply, slicer_scene  # noqa: E402
 
 

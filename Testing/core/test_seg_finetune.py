@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from medgmae_core.commands import finetune as finetune_command
 from medgmae_core.seg import finetune
 from medgmae_core.seg.io import read_volume
 from medgmae_core.seg.labels import LabelMap, sidecar_path
@@ -32,7 +33,7 @@ def ts(shared_ct):
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    finetune.add_arguments(parser)
+    finetune_command.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 

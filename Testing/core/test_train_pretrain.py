@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from medgmae_core import cli
+from medgmae_core.commands import pretrain as pretrain_command
 from medgmae_core.train import pretrain
 from medgmae_core.train.checkpoint import load_checkpoint, load_model
 
@@ -43,7 +44,7 @@ def test_settings_yaml_and_flags(tmp_path):
     config = _yaml(tmp_path, data="phantom:3", steps=7, batch_size=4, lr=0.01, img_size=[48, 48, 36])
     parser = cli.build_parser(["pretrain"])
     args = parser.parse_args(["pretrain", "--config", str(config), "--lr", "0.002", "--amp", "bf16"])
-    given = pretrain.explicit_settings(args)
+    given = pretrain_command.explicit_settings(args)
     assert given["lr"] == 0.002 and given["batch_size"] == 4 and given["amp"] == "bf16"  # flag beats YAML
     cfg = pretrain.validate_settings({**{k: v for k, (v, _) in pretrain.SETTINGS.items()}, **given})
     assert cfg["img_size"] == [48, 48, 36] and cfg["warmup_steps"] == 1 and cfg["steps"] == 7
@@ -52,7 +53,7 @@ def test_settings_yaml_and_flags(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("batchsize: 3\n")
     with pytest.raises(ValueError, match="unknown settings \\['batchsize'\\]"):
-        pretrain.explicit_settings(parser.parse_args(["pretrain", "--config", str(bad)]))
+        pretrain_command.explicit_settings(parser.parse_args(["pretrain", "--config", str(bad)]))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         pretrain.validate_settings({**cfg, "batch_size": 0})
     with pytest.raises(ValueError, match="no training data"):
@@ -66,7 +67,7 @@ def test_settings_yaml_and_flags(tmp_path):
 def test_shipped_example_configs_are_valid(name):
     assert len(pretrain.shipped_configs()) >= 3
     args = cli.build_parser(["pretrain"]).parse_args(["pretrain", "--config", name, "--data", "phantom:1"])
-    given = pretrain.explicit_settings(args)
+    given = pretrain_command.explicit_settings(args)
     cfg = pretrain.validate_settings({**{k: v for k, (v, _) in pretrain.SETTINGS.items()}, **given})
     config = pretrain.build_model_config(cfg)
     assert config.img_size == (96, 96, 96) and cfg["data"] == ["phantom:1"]

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "medgmae-checkpoint/1"
 LAST_NAME = "last.pt"
+# the bundled demo weights (demo weights, not the paper's): the default of `medgmae demo` and the Slicer panel
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_tiny.pt"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 

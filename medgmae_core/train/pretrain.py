@@ -18,7 +18,6 @@ Several GPUs or nodes: ``torchrun --nproc_per_node=G -m medgmae_core.cli pretrai
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -90,48 +89,6 @@ SESSION_KEYS = ("resume", "progress_json", "device", "num_workers", "out_dir", "
 
 
 # ------------------------------------------------------------------ configuration
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N,N,N, got {text!r}") from None
-
-
-EXAMPLES = """examples:
-  medgmae pretrain --data phantom:8 --steps 200 --out-dir runs/phantom        # no data needed
-  medgmae pretrain --config pretrain_tiny_cpu --data /path/to/cts --objective voxel
-  medgmae pretrain --config run.yaml --resume auto                             # continue exactly
-  torchrun --nproc_per_node=4 -m medgmae_core.cli pretrain --config pretrain_large_gpu --data list.json
-"""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EXAMPLES
-    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it), or the name of "
-                        f"a shipped example: {', '.join(shipped_configs())}")
-    types: dict[str, Any] = {"spacing_mm": float, "crops_per_case": int, "pos": float, "neg": float,
-                             "phantom_shape": _int_list, "img_size": _int_list, "patch_size": _int_list,
-                             "num_gaussians": int, "mask_ratio": float, "steps": int, "batch_size": int, "lr": float,
-                             "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "clip_grad": float,
-                             "seed": int, "num_workers": int, "checkpoint_every": int, "keep_last": int,
-                             "log_every": int}
-    choices = {"objective": ("gaussian", "gaussian_star", "voxel"), "loss": ("masked", "release"),
-               "amp": AMP_CHOICES, "cache": CACHE_CHOICES}
-    for name, (default, help_text) in SETTINGS.items():
-        if name == "model_overrides":
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{help_text} (default: {default})" if default not in (None, False, {}) else help_text
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        elif name == "data":
-            parser.add_argument(flag, nargs="+", metavar="DATA", default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, type=types.get(name, str), choices=choices.get(name),
-                                default=argparse.SUPPRESS, help=help_text)
-
-
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -151,7 +108,7 @@ def resolve_config_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"config file not found: {path} (shipped examples: {', '.join(shipped_configs())})")
 
 
-def _load_yaml(path: str | Path) -> dict[str, Any]:
+def load_settings_yaml(path: str | Path) -> dict[str, Any]:
     """Settings from a YAML file; ``null`` values count as not given."""
     import yaml
 
@@ -169,13 +126,6 @@ def _load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(content.get("model_overrides") or {}, dict):
         raise ValueError(f"{path}: model_overrides must be a mapping of ModelConfig fields")
     return {k: v for k, v in content.items() if v is not None}
-
-
-def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings given by the user: the YAML file, then the flags over it."""
-    given = _load_yaml(args.config) if getattr(args, "config", None) else {}
-    given.update({k: getattr(args, k) for k in SETTINGS if hasattr(args, k)})
-    return given
 
 
 def _size(value: Any, name: str) -> list[int] | None:
@@ -361,19 +311,6 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     if not path.exists():
         raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
     return path
-
-
-# ------------------------------------------------------------------ the run
-def main(args: argparse.Namespace) -> int:
-    from .distributed import cleanup_distributed, init_distributed, resolve_device
-
-    explicit = explicit_settings(args)
-    device = resolve_device(explicit.get("device", SETTINGS["device"][0]), int(os.environ.get("LOCAL_RANK", "0")))
-    info = init_distributed(device)
-    try:
-        return run(explicit, device, info)
-    finally:
-        cleanup_distributed()
 
 
 def run(explicit: dict[str, Any], device: torch.device, info) -> int:

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..train.checkpoint import BUNDLED_WEIGHTS  # re-exported: the demo's default weights
+
 log = logging.getLogger(__name__)
 
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo_tiny.pt"
 OUTPUT_NAMES = {"prediction": "prediction.nii.gz", "mask": "mask.nii.gz", "ply": "gaussians.ply",
                 "scene": "scene.mrb", "png": "overview.png"}
 MODEL_GRID_NAMES = {"prediction_model_grid": "prediction_model_grid.nii.gz",
@@ -105,11 +106,11 @@ def load_ct(ct: str | Path | None, seed: int = 0,
             phantom_shape: tuple[int, int, int] = (128, 128, 96)) -> tuple[np.ndarray, np.ndarray, str]:
     """``(hu [I, J, K], ijk_to_ras, description)``: the file or DICOM folder, or the phantom."""
     if ct is None:
-        from .data.phantom import make_phantom
+        from ..data.phantom import make_phantom
 
         ph = make_phantom(shape=phantom_shape, seed=seed)
         return ph.hu, np.asarray(ph.affine, dtype=np.float64), f"built-in phantom (seed {seed})"
-    from .data.readers import read_ct
+    from ..data.readers import read_ct
 
     path = Path(ct).expanduser()
     if not path.exists():
@@ -140,7 +141,7 @@ class _Writing:
         import errno
         import shutil
 
-        from .errors import OutputError, UserError, os_error_message
+        from ..errors import OutputError, UserError, os_error_message
 
         if exc is None or isinstance(exc, UserError) or not isinstance(exc, (OSError, RuntimeError)):
             return False
@@ -166,12 +167,12 @@ def run_demo(ct: str | Path | None, out_dir: str | Path, *, weights: str | Path 
              phantom_shape: tuple[int, int, int] | str = (128, 128, 96), max_voxels: int | None = None,
              model_grid: bool = False, reporter=None) -> DemoResult:
     """The whole demo (module docstring). ``reporter``: an optional ``progress.ProgressReporter`` (4 stages)."""
-    from . import inference, spatial
-    from .data.transforms import HU_WINDOW, check_resample_size
-    from .errors import StagedOutputs, make_output_dir
-    from .export import figures, glyphs, nifti, ply, slicer_scene
-    from .seg.io import resample_linear, resample_nearest
-    from .train.checkpoint import load_model
+    from .. import inference, spatial
+    from ..data.transforms import HU_WINDOW, check_resample_size
+    from ..errors import StagedOutputs, make_output_dir
+    from ..export import figures, glyphs, nifti, ply, slicer_scene
+    from ..seg.io import resample_linear, resample_nearest
+    from ..train.checkpoint import load_model
 
     check_options(mask_ratio, spacing_mm, max_voxels)
     out = Path(out_dir).expanduser()
@@ -282,7 +283,7 @@ def format_summary(res: DemoResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .progress import ProgressReporter
+    from ..progress import ProgressReporter
 
     json_lines = bool(getattr(args, "progress_json", False))
     reporter = ProgressReporter("demo", len(STAGES), json_lines=True) if json_lines else None

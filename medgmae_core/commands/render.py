@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     from ..export.nifti import write_volume
     from ..export.ply import read_gaussians_ply
     from ..progress import ProgressReporter
-    from . import render_volume, resolve_backend
+    from ..render import render_volume, resolve_backend
 
     check_arguments(args)
     reporter = ProgressReporter("render", 1, json_lines=True) if getattr(args, "progress_json", False) else None
