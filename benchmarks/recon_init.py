@@ -320,6 +320,7 @@ def main() -> int:
     ap.add_argument("--views-per-iter", type=int, default=10)
     ap.add_argument("--lr-horizon", type=int, default=FitConfig.lr_horizon)
     ap.add_argument("--grad-threshold", type=float, default=FitConfig.grad_threshold)
+    ap.add_argument("--densify-fraction", type=float, default=FitConfig.densify_fraction)
     ap.add_argument("--num-gaussians", type=int, default=None,
                     help="initial count of random/fbp (default 20000; 3dgr keeps 3DGR-CT's 50k unless --quick)")
     ap.add_argument("--residual-gaussians", type=int, default=None, help="zero-shot residual set (default 8000)")
@@ -377,7 +378,8 @@ def main() -> int:
             scan["sirt"] = sirt_run(data, rng, args.sirt_iters)
             print(f"  SIRT (ours): {scan['sirt']['psnr']:.2f} dB (best {scan['sirt']['best_psnr']:.2f})", flush=True)
             cfg = FitConfig(iters=args.iters, eval_every=args.eval_every, views_per_iter=args.views_per_iter,
-                            lr_horizon=args.lr_horizon, grad_threshold=args.grad_threshold, seed=args.seed)
+                            lr_horizon=args.lr_horizon, grad_threshold=args.grad_threshold,
+                            densify_fraction=args.densify_fraction, seed=args.seed)
             scan["fit_config"] = cfg.to_dict()
             max_intensity = default_max_intensity(fdk)
             runs: dict = {}

@@ -225,7 +225,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--views-per-iter", type=int, default=None, help="random views per iteration (default all)")
     rec.add_argument("--eval-every", type=int, default=25)
     rec.add_argument("--densify-every", type=int, default=100)
-    rec.add_argument("--grad-threshold", type=float, default=FitConfig.grad_threshold)
+    rec.add_argument("--grad-threshold", type=float, default=FitConfig.grad_threshold,
+                     help="absolute densify threshold on the mean position-gradient norm (3DGS's 2e-4)")
+    rec.add_argument("--densify-fraction", type=float, default=FitConfig.densify_fraction,
+                     help="relative densify criterion: the top fraction by position gradient, every round")
     rec.add_argument("--max-gaussians", type=int, default=300_000)
     rec.add_argument("--tv", type=float, default=0.0, help="weight of TV on random sub-volumes (0 = off)")
     rec.add_argument("--max-intensity", type=float, default=None,
@@ -275,7 +278,8 @@ def run(args) -> dict:
     cfg = FitConfig(iters=args.iters, lr_horizon=args.lr_horizon, views_per_iter=args.views_per_iter,
                     eval_every=args.eval_every,
                     densify_every=args.densify_every, densify_from=args.densify_every,
-                    grad_threshold=args.grad_threshold, max_gaussians=args.max_gaussians, tv_weight=args.tv,
+                    grad_threshold=args.grad_threshold, densify_fraction=args.densify_fraction,
+                    max_gaussians=args.max_gaussians, tv_weight=args.tv,
                     checkpoint_every=args.checkpoint_every, seed=args.seed).validate()
     ck_path = out / CHECKPOINT_NAME
     resume_state = None

@@ -393,6 +393,209 @@ def _splat_backward_kernel(params, cutoff, precise, grad_out, grad_params):
         grad_params[n, g, 5] = m0
 
 
+@njit(inline="always")
+def _stage1_point(m0, m1, m2, cs, sn, cone, sod, sdd, dmin):
+    """Detector (u, v), the Jacobian rows j_u, j_v and the pieces their gradient needs (t = 1/depth)."""
+    u0 = -sn * m0 + cs * m1
+    if not cone:
+        return u0, m2, -sn, cs, 0.0, 0.0, 0.0, 1.0, u0, 0.0, False
+    depth = cs * m0 + sn * m1 + sod
+    clamped = depth < dmin
+    if clamped:
+        depth = dmin
+    t = 1.0 / depth
+    ju0 = sdd * t * (-sn) - sdd * u0 * t * t * cs
+    ju1 = sdd * t * cs - sdd * u0 * t * t * sn
+    jv0 = -sdd * m2 * t * t * cs
+    jv1 = -sdd * m2 * t * t * sn
+    jv2 = sdd * t
+    return sdd * u0 * t, sdd * m2 * t, ju0, ju1, 0.0, jv0, jv1, jv2, u0, t, clamped
+
+
+@njit(inline="always")
+def _sym_mul(s00, s11, s22, s01, s02, s12, x0, x1, x2):
+    return (s00 * x0 + s01 * x1 + s02 * x2, s01 * x0 + s11 * x1 + s12 * x2, s02 * x0 + s12 * x1 + s22 * x2)
+
+
+@njit(parallel=True, fastmath=False)
+def _stage1_forward_kernel(means, cov6, det3, inten, cosv, sinv, cone, sod, sdd, dmin, dv, du, col0, row0, out):
+    """means [B, 3, k], cov6 [B, 6, k], det3/inten [B, k], cos/sin [C] -> out [B, C, k, 6] (as ``splat_params``)."""
+    n_b, k = means.shape[0], means.shape[2]
+    n_c = cosv.shape[0]
+    two_pi = 2.0 * math.pi
+    for idx in prange(n_b * k):
+        b = idx // k
+        g = idx - b * k
+        m0, m1, m2 = float(means[b, 0, g]), float(means[b, 1, g]), float(means[b, 2, g])
+        s00, s11, s22 = float(cov6[b, 0, g]), float(cov6[b, 1, g]), float(cov6[b, 2, g])
+        s01, s02, s12 = float(cov6[b, 3, g]), float(cov6[b, 4, g]), float(cov6[b, 5, g])
+        d3, it = float(det3[b, g]), float(inten[b, g])
+        for c in range(n_c):
+            u, v, ju0, ju1, ju2, jv0, jv1, jv2, _u0, _t, _cl = _stage1_point(m0, m1, m2, cosv[c], sinv[c], cone,
+                                                                              sod, sdd, dmin)
+            a0, a1, a2 = _sym_mul(s00, s11, s22, s01, s02, s12, ju0, ju1, ju2)
+            b0, b1, b2 = _sym_mul(s00, s11, s22, s01, s02, s12, jv0, jv1, jv2)
+            s_cc = (ju0 * a0 + ju1 * a1 + ju2 * a2) / (du * du)
+            s_cr = (ju0 * b0 + ju1 * b1 + ju2 * b2) / (du * dv)
+            s_rr = (jv0 * b0 + jv1 * b1 + jv2 * b2) / (dv * dv)
+            det = s_cc * s_rr - s_cr * s_cr
+            if cone:
+                uu = ju0 * ju0 + ju1 * ju1 + ju2 * ju2
+                vv = jv0 * jv0 + jv1 * jv1 + jv2 * jv2
+                uv = ju0 * jv0 + ju1 * jv1 + ju2 * jv2
+                det_jj = uu * vv - uv * uv
+            else:
+                det_jj = 1.0
+            o = out[b, c, g]
+            o[0] = u / du + col0
+            o[1] = v / dv + row0
+            o[2] = s_rr / det
+            o[3] = -s_cr / det
+            o[4] = s_cc / det
+            o[5] = it * math.sqrt(two_pi * d3 * det_jj / (det * (du * dv) ** 2))
+
+
+@njit(parallel=True, fastmath=False)
+def _stage1_backward_kernel(means, cov6, det3, inten, cosv, sinv, cone, sod, sdd, dmin, dv, du, grad,
+                            g_means, g_cov6, g_det3, g_inten):
+    """grad [B, C, k, 6] -> gradients of means, cov6, det3, intensities (summed over views; one thread per
+    Gaussian, no atomics). Hand-derived chain rule of ``_stage1_forward_kernel``."""
+    n_b, k = means.shape[0], means.shape[2]
+    n_c = cosv.shape[0]
+    two_pi = 2.0 * math.pi
+    for idx in prange(n_b * k):
+        b = idx // k
+        g = idx - b * k
+        m0, m1, m2 = float(means[b, 0, g]), float(means[b, 1, g]), float(means[b, 2, g])
+        s00, s11, s22 = float(cov6[b, 0, g]), float(cov6[b, 1, g]), float(cov6[b, 2, g])
+        s01, s02, s12 = float(cov6[b, 3, g]), float(cov6[b, 4, g]), float(cov6[b, 5, g])
+        d3, it = float(det3[b, g]), float(inten[b, g])
+        gm0 = gm1 = gm2 = 0.0
+        gs00 = gs11 = gs22 = gs01 = gs02 = gs12 = 0.0
+        gd3 = gi = 0.0
+        for c in range(n_c):
+            cs, sn = cosv[c], sinv[c]
+            u, v, ju0, ju1, ju2, jv0, jv1, jv2, u0, t, clamped = _stage1_point(m0, m1, m2, cs, sn, cone, sod, sdd,
+                                                                               dmin)
+            a0, a1, a2 = _sym_mul(s00, s11, s22, s01, s02, s12, ju0, ju1, ju2)  # S j_u
+            b0, b1, b2 = _sym_mul(s00, s11, s22, s01, s02, s12, jv0, jv1, jv2)  # S j_v
+            s_cc = (ju0 * a0 + ju1 * a1 + ju2 * a2) / (du * du)
+            s_cr = (ju0 * b0 + ju1 * b1 + ju2 * b2) / (du * dv)
+            s_rr = (jv0 * b0 + jv1 * b1 + jv2 * b2) / (dv * dv)
+            det = s_cc * s_rr - s_cr * s_cr
+            if cone:
+                uu = ju0 * ju0 + ju1 * ju1 + ju2 * ju2
+                vv = jv0 * jv0 + jv1 * jv1 + jv2 * jv2
+                uv = ju0 * jv0 + ju1 * jv1 + ju2 * jv2
+                det_jj = uu * vv - uv * uv
+            else:
+                uu = vv = uv = 0.0
+                det_jj = 1.0
+            a_unit = math.sqrt(two_pi * d3 * det_jj / (det * (du * dv) ** 2))
+            amp = it * a_unit
+            gr = grad[b, c, g]
+            g0, g1, g2, g3, g4, g5 = float(gr[0]), float(gr[1]), float(gr[2]), float(gr[3]), float(gr[4]), float(gr[5])
+            gi += g5 * a_unit
+            if d3 > 0.0:
+                gd3 += g5 * amp * 0.5 / d3
+            g_det = -(g2 * s_rr - g3 * s_cr + g4 * s_cc) / (det * det) - g5 * amp * 0.5 / det
+            g_srr = g2 / det + g_det * s_cc
+            g_scr = -g3 / det - 2.0 * g_det * s_cr
+            g_scc = g4 / det + g_det * s_rr
+            qa = g_scc / (du * du)  # d/d (j_u^T S j_u)
+            qb = g_scr / (du * dv)  # d/d (j_u^T S j_v)
+            qc = g_srr / (dv * dv)  # d/d (j_v^T S j_v)
+            gs00 += qa * ju0 * ju0 + qb * ju0 * jv0 + qc * jv0 * jv0
+            gs11 += qa * ju1 * ju1 + qb * ju1 * jv1 + qc * jv1 * jv1
+            gs22 += qa * ju2 * ju2 + qb * ju2 * jv2 + qc * jv2 * jv2
+            gs01 += 2.0 * qa * ju0 * ju1 + qb * (ju0 * jv1 + ju1 * jv0) + 2.0 * qc * jv0 * jv1
+            gs02 += 2.0 * qa * ju0 * ju2 + qb * (ju0 * jv2 + ju2 * jv0) + 2.0 * qc * jv0 * jv2
+            gs12 += 2.0 * qa * ju1 * ju2 + qb * (ju1 * jv2 + ju2 * jv1) + 2.0 * qc * jv1 * jv2
+            g_u = g0 / du
+            g_v = g1 / dv
+            if not cone:
+                gm0 += -sn * g_u
+                gm1 += cs * g_u
+                gm2 += g_v
+                continue
+            # gradient w.r.t. the Jacobian rows
+            gju0 = 2.0 * qa * a0 + qb * b0
+            gju1 = 2.0 * qa * a1 + qb * b1
+            gjv0 = 2.0 * qc * b0 + qb * a0
+            gjv1 = 2.0 * qc * b1 + qb * a1
+            gjv2 = 2.0 * qc * b2 + qb * a2
+            if det_jj > 0.0:
+                gjj = g5 * amp * 0.5 / det_jj
+                gju0 += gjj * 2.0 * (ju0 * vv - uv * jv0)
+                gju1 += gjj * 2.0 * (ju1 * vv - uv * jv1)
+                gjv0 += gjj * 2.0 * (jv0 * uu - uv * ju0)
+                gjv1 += gjj * 2.0 * (jv1 * uu - uv * ju1)
+                gjv2 += gjj * 2.0 * (jv2 * uu - uv * ju2)
+            # j_u, j_v, u, v as functions of t = 1/depth, u0 and m2
+            g_t = (g_u * sdd * u0 + g_v * sdd * m2 + gju0 * (-sdd * sn - 2.0 * sdd * u0 * t * cs)
+                   + gju1 * (sdd * cs - 2.0 * sdd * u0 * t * sn) + gjv0 * (-2.0 * sdd * m2 * t * cs)
+                   + gjv1 * (-2.0 * sdd * m2 * t * sn) + gjv2 * sdd)
+            g_u0 = g_u * sdd * t - gju0 * sdd * t * t * cs - gju1 * sdd * t * t * sn
+            gm2 += g_v * sdd * t - gjv0 * sdd * t * t * cs - gjv1 * sdd * t * t * sn
+            g_depth = 0.0 if clamped else -g_t * t * t
+            gm0 += g_depth * cs - sn * g_u0
+            gm1 += g_depth * sn + cs * g_u0
+        g_means[b, 0, g] = gm0
+        g_means[b, 1, g] = gm1
+        g_means[b, 2, g] = gm2
+        g_cov6[b, 0, g] = gs00
+        g_cov6[b, 1, g] = gs11
+        g_cov6[b, 2, g] = gs22
+        g_cov6[b, 3, g] = gs01
+        g_cov6[b, 4, g] = gs02
+        g_cov6[b, 5, g] = gs12
+        g_det3[b, g] = gd3
+        g_inten[b, g] = gi
+
+
+def _stage1_geometry(geometry, views: slice) -> tuple:
+    angles = geometry.angles[views].to(torch.float64).numpy()
+    cone = isinstance(geometry, ConeBeam)
+    sod = float(geometry.source_to_origin) if cone else 0.0
+    sdd = float(geometry.source_to_detector) if cone else 0.0
+    dv, du = geometry.detector_spacing
+    return (np.ascontiguousarray(np.cos(angles)), np.ascontiguousarray(np.sin(angles)), cone, sod, sdd, 1e-3 * sod,
+            float(dv), float(du))
+
+
+class _SplatParamsNumba(torch.autograd.Function):
+    """Stage 1 fused in numba (values as :func:`splat_params`, float64 arithmetic inside) with its hand-derived
+    backward: a few hundred elementwise torch ops per call become two passes over the Gaussians."""
+
+    @staticmethod
+    def forward(ctx, means, cov, det3, intensities, geometry, views):
+        ctx.save_for_backward(means, cov, det3, intensities)
+        ctx.geo = _stage1_geometry(geometry, views)
+        cosv, sinv, cone, sod, sdd, dmin, dv, du = ctx.geo
+        arrays = [t.detach().contiguous().numpy() for t in (means, cov, det3, intensities)]
+        out = np.empty((means.shape[0], cosv.shape[0], means.shape[2], SPLAT_PARAMS), dtype=arrays[0].dtype)
+        _stage1_forward_kernel(*arrays, cosv, sinv, cone, sod, sdd, dmin, dv, du, float(geometry.axis_column),
+                               float(geometry.centre_row), out)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cosv, sinv, cone, sod, sdd, dmin, dv, du = ctx.geo
+        tensors = ctx.saved_tensors
+        arrays = [t.detach().contiguous().numpy() for t in tensors]
+        outs = [np.empty_like(a) for a in arrays]
+        _stage1_backward_kernel(*arrays, cosv, sinv, cone, sod, sdd, dmin, dv, du,
+                                grad.detach().to(tensors[0].dtype).contiguous().numpy(), *outs)
+        grads = [torch.from_numpy(o) if need else None for o, need in zip(outs, ctx.needs_input_grad)]
+        return (*grads, None, None)
+
+
+def splat_params_numba(means: torch.Tensor, cov6: torch.Tensor, det3: torch.Tensor, intensities: torch.Tensor,
+                       geometry, views: slice) -> torch.Tensor:
+    """:func:`splat_params` (the torch reference) fused in numba, differentiable; CPU tensors only."""
+    return _SplatParamsNumba.apply(means, cov6, det3, intensities, geometry, views)
+
+
 def _numba_forward(params: torch.Tensor, rows: int, cols: int, cutoff: float) -> torch.Tensor:
     """Numba splat, no autograd: ``[B, C, k, 6]`` -> ``[B, C, rows, cols]``."""
     if params.device.type != "cpu":
@@ -529,10 +732,10 @@ def project_gaussians(gaussians: GaussianSet, geometry, *, cutoff: float = 3.0, 
     chunk = view_chunk_size(gaussians.batch_size, gaussians.num_gaussians, geometry.n_views, max_chunk_mb)
     if name == "numba" and chunk >= geometry.n_views:
         # one chunk fits the memory budget: keep stage 1's autograd graph instead of recomputing it in backward
-        params = splat_params(means, cov, det3, gaussians.intensities, geometry, slice(0, geometry.n_views))
+        params = splat_params_numba(means, cov, det3, gaussians.intensities, geometry, slice(0, geometry.n_views))
         return splat_numba(params, geometry.rows, geometry.cols, float(cutoff))
     return _ProjectGaussians.apply(means, cov, det3, gaussians.intensities, geometry, float(cutoff), name, chunk)
 
 
-__all__ = ["project_gaussians", "resolve_backend", "splat_params", "splat_reference", "splat_torch", "splat_numba",
+__all__ = ["project_gaussians", "resolve_backend", "splat_params", "splat_params_numba", "splat_reference", "splat_torch", "splat_numba",
            "gaussians_mm", "BACKENDS"]
