@@ -104,7 +104,7 @@ def finetune_one(work: Path, datalist: Path, encoder: Path | None, fraction: flo
         argv += ["--patch-size", str(args.patch_size)]
     t0 = time.time()
     with open(work / f"ft_{name}_{fraction:g}.jsonl", "w") as log, contextlib.redirect_stdout(log):
-        summary = finetune.run(parser.parse_args(argv))  # progress JSON lines go to the log
+        summary = finetune.run(finetune_command.settings_from_args(parser.parse_args(argv)))  # progress JSON lines go to the log
     hist = json.loads((out / "history.json").read_text())
     final = hist["val"][-1]
     row = {"encoder": name, "label_fraction": fraction, "train_cases": summary["train_cases"],

@@ -134,7 +134,7 @@ def _user_message(exc: BaseException) -> str | None:
         return first_line(f"cannot decode text ({exc})")
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _ALLOC_FAILURE.search(str(exc))):
         return ("out of memory: the data is too large for this machine "
-                f"({first_line(str(exc)) or 'MemoryError'}); use a coarser --spacing or a smaller input")
+                f"({first_line(str(exc)) or 'MemoryError'}); use a coarser --spacing-mm or a smaller input")
     if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
         return f"writing a file failed ({first_line(str(exc))}); is the disk full?"
     return None

@@ -39,14 +39,11 @@ class BackgroundLogic:
             raise FileNotFoundError(f"training data folder {data_folder!s} does not exist")
         if not is_set(out_dir):
             raise ValueError("training output folder: choose a folder for checkpoints")
-        if command == "pretrain":
-            args = ["--data", str(data_folder), "--model", config, "--steps", str(int(steps)), "--device", device,
-                    "--out-dir", str(out_dir), "--progress-json"] + (["--resume", "auto"] if resume else [])
-        else:  # medgmae finetune: UNETR from a pre-trained encoder
-            args = ["--data", str(data_folder), "--config", config, "--steps", str(int(steps)), "--device", device,
-                    "--out", str(out_dir), "--progress-json"] + (["--resume"] if resume else [])
-            if is_set(pretrained):
-                args += ["--encoder", str(pretrained)]
+        # one vocabulary for both commands (medgmae_core/commands/options.py): --model SIZE, --out, --resume auto
+        args = ["--data", str(data_folder), "--model", config, "--steps", str(int(steps)), "--device", device,
+                "--out", str(out_dir), "--progress-json"] + (["--resume", "auto"] if resume else [])
+        if command != "pretrain" and is_set(pretrained):  # medgmae finetune: UNETR from a pre-trained encoder
+            args += ["--encoder", str(pretrained)]
         return [command, *args, *map(str, extra_args)]
 
     def start_training(self, *, start: bool = True, **kwargs):

@@ -66,10 +66,10 @@ def _check_outputs(res: dict, hu: np.ndarray, affine: np.ndarray, mask_ratio: fl
     assert img.shape[1] > 1000 and img[..., :3].std() > 0.1
 
 
-def test_demo_on_builtin_phantom_via_cli(tmp_path, tiny_weights, capsys):
-    code = cli.main(["demo", "--out", str(tmp_path / "out"), "--weights", str(tiny_weights), "--seed", "3",
-                     "--phantom-shape", "40,40,32", "--json"])
-    assert code == 0
+def test_demo_on_builtin_phantom_via_cli(tmp_path, tiny_weights, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no --out: the demo writes to ./medgmae_demo
+    code = cli.main(["demo", "--weights", str(tiny_weights), "--seed", "3", "--phantom-shape", "40,40,32", "--json"])
+    assert code == 0 and (tmp_path / demo.DEFAULT_OUT / "prediction.nii.gz").is_file()
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["source"].startswith("built-in phantom") and res["windows"] == 1
     from medgmae_core.data.phantom import make_phantom

@@ -31,10 +31,10 @@ def ts(shared_ct):
     return shared_ct / "totalsegmentator"
 
 
-def _args(*argv: str) -> argparse.Namespace:
+def _args(*argv: str) -> finetune.FinetuneSettings:
     parser = argparse.ArgumentParser()
     finetune_command.add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return finetune_command.settings_from_args(parser.parse_args(list(argv)))
 
 
 def _base(ts, out, steps=STEPS, *extra):
@@ -186,3 +186,28 @@ def test_layer_decay_groups():
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vit."))
     assert not torch.equal(before["out.conv.conv.weight"], after["out.conv.conv.weight"])
+
+
+def test_flag_vocabulary_and_hidden_old_spellings(tmp_path):
+    """One vocabulary (commands.options): the old spellings still fill the same settings, hidden from --help;
+    --config is a YAML file (flags override it) and the old --config SIZE still picks the model size."""
+    new = _args("--out", "o", "--spacing-mm", "6", "--img-size", "24,24,16", "--warmup-steps", "2", "--model",
+                "base", "--progress-json", "--resume")
+    old = _args("--out", "o", "--spacing", "6", "--roi", "24", "24", "16", "--warmup", "2", "--config", "base",
+                "--json-lines", "--resume")
+    assert new == old
+    assert (new.spacing_mm, new.img_size, new.warmup_steps, new.model, new.progress_json, new.resume) == \
+        (6.0, [24, 24, 16], 2, "base", True, "auto")
+    assert _args("--out", "o", "--resume", "runs/x/step_00000012.pt").resume == "runs/x/step_00000012.pt"
+    assert _args("--out", "o").img_size == 96 and _args("--out", "o", "--img-size", "24").img_size == 24
+    config = tmp_path / "ft.yaml"
+    config.write_text("steps: 7\nimg_size: [24, 24, 16]\nwarmup_steps: 3\n")
+    from_yaml = _args("--config", str(config), "--out", "o", "--steps", "9")
+    assert (from_yaml.steps, from_yaml.img_size, from_yaml.warmup_steps) == (9, [24, 24, 16], 3)
+    config.write_text("stepz: 7\n")
+    with pytest.raises(ValueError, match="unknown settings"):
+        _args("--config", str(config), "--out", "o")
+    parser = argparse.ArgumentParser()
+    finetune_command.add_arguments(parser)
+    shown = parser.format_help()
+    assert "--img-size" in shown and "--roi" not in shown and "--warmup " not in shown and "--json-lines" not in shown

@@ -103,13 +103,28 @@ def test_resume_equals_uninterrupted_run(tmp_path, capsys):
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
     torch.testing.assert_close(b["extra"]["history"], a["extra"]["history"], rtol=0, atol=1e-7)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    # one flag vocabulary (commands/options.py): --out names the run folder (the python name out_dir, as
+    # train_config stores it; --out-dir above is the hidden old spelling) and a bare --resume is auto; a checkpoint
+    # whose train_config has the python names continues exactly
+    old_style = load_checkpoint(full / "step_00000002.pt")["train_config"]
+    assert {"out_dir", "warmup_steps", "spacing_mm", "img_size"} <= set(old_style) and old_style["warmup_steps"] == 2
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(full / "step_00000002.pt", again / "last.pt")
+    code, events = _run(["--out", str(again), "--resume", "--progress-json"], capsys)
+    assert code == 0 and [e["step"] for e in events if e["event"] == "progress"] == [3, 4]
+    c = load_checkpoint(again / "last.pt")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(c["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert c["train_config"]["out_dir"] == str(again) and c["train_config"]["img_size"] == old_style["img_size"]
+    assert "--out-dir" not in cli.build_parser(["pretrain"])._subparsers._group_actions[0].choices["pretrain"].format_help()
     # an existing run is never overwritten by accident
     code = cli.main(["pretrain", "--config", str(config), *TINY, "--steps", "4", "--out-dir", str(full)])
     assert code == 2 and "already holds a run" in capsys.readouterr().err
     # --resume auto on a finished run asks for more steps; with more steps it continues
     code = cli.main(["pretrain", "--resume", "auto", "--out-dir", str(full)])
     assert code == 2 and "raise --steps" in capsys.readouterr().err
-    code, events = _run(["--resume", "auto", "--out-dir", str(full), "--steps", "5", "--progress-json"], capsys)
+    code, events = _run(["--resume", "auto", "--out", str(full), "--steps", "5", "--progress-json"], capsys)
     assert code == 0 and [e["step"] for e in events if e["event"] == "progress"] == [5]
     assert (full / "loss_curve.png").stat().st_size > 1000 and (full / "config.yaml").exists()
 

@@ -19,11 +19,15 @@ def test_training_commands(tmp_path):
     argv = logic.training_command(data_folder=tmp_path, out_dir=tmp_path / "run", config="base", steps=50,
                                   device="cpu", resume=True)
     assert argv == ["pretrain", "--data", str(tmp_path), "--model", "base", "--steps", "50", "--device", "cpu",
-                    "--out-dir", str(tmp_path / "run"), "--progress-json", "--resume", "auto"]
+                    "--out", str(tmp_path / "run"), "--progress-json", "--resume", "auto"]
     ft = logic.training_command(command="finetune", data_folder=tmp_path, out_dir=tmp_path, steps=5, device="auto",
                                 pretrained=tmp_path / "enc.pt")
     assert ft[:2] == ["finetune", "--data"] and "--progress-json" in ft and ft[-2:] == ["--encoder", str(tmp_path / "enc.pt")]
     assert ft[ft.index("--device") + 1] == "auto"  # pretrain/finetune resolve it (no torch import in Slicer's GUI)
+    # one flag vocabulary for both commands (medgmae_core/commands/options.py)
+    assert ft[ft.index("--model") + 1] == "tiny" and ft[ft.index("--out") + 1] == str(tmp_path)
+    resumed = logic.training_command(command="finetune", data_folder=tmp_path, out_dir=tmp_path, resume=True)
+    assert resumed[resumed.index("--resume") + 1] == "auto" and "--config" not in resumed
     with pytest.raises(FileNotFoundError, match="training data folder /no/such/dir does not exist"):
         logic.training_command(data_folder="/no/such/dir", out_dir=tmp_path)
     with pytest.raises(ValueError, match="training output folder"):

@@ -1,4 +1,4 @@
-"""``medgmae demo [CT] --out DIR``: mask a CT, predict Gaussians, render, and write NIfTI / PLY / .mrb / PNG.
+"""``medgmae demo [CT] [--out DIR]``: mask a CT, predict Gaussians, render, and write NIfTI / PLY / .mrb / PNG.
 
 With no CT the built-in procedural phantom (``data.phantom.make_phantom``) is used. The CT is read with the one
 reader every command uses (``data.readers.read_ct``), its prepared size is estimated and refused above
@@ -6,7 +6,7 @@ reader every command uses (``data.readers.read_ct``), its prepared size is estim
 prepared like the model's training data (RAS, 1.5 mm, HU window), cut into non-overlapping model windows
 (``inference.predict_volume`` with ``overlap=0``, so each voxel has one mask and one prediction), and each window
 is masked (random 12^3 patches at ``--mask-ratio``) and run through the model's full forward pass. Outputs, in
-``--out`` (all of them or none: they are staged in a hidden folder and moved into place at the end):
+``--out`` (default ``./medgmae_demo``; all of them or none: they are staged in a hidden folder and moved into place at the end):
 
 * ``prediction.nii.gz``: the rendered Gaussians, in HU (window [-175, 250] undone), resampled (trilinear) onto
   the input CT's exact grid and affine;
@@ -15,7 +15,7 @@ is masked (random 12^3 patches at ``--mask-ratio``) and run through the model's 
 * ``scene.mrb``: Slicer scene with the CT, the mask label map, the prediction and the ellipsoid glyph model;
 * ``overview.png``: axial / coronal / sagittal slices (on the model grid) with Gaussian outlines and a 3D view;
 * with ``--model-grid``: ``prediction_model_grid.nii.gz`` and ``mask_model_grid.nii.gz``, the same on the
-  prepared model grid (RAS, ``--spacing`` mm), where the model actually worked.
+  prepared model grid (RAS, ``--spacing-mm`` mm), where the model actually worked.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..train.checkpoint import BUNDLED_WEIGHTS  # re-exported: the demo's default weights
+from .options import add_option
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,21 @@ MODEL_GRID_NAMES = {"prediction_model_grid": "prediction_model_grid.nii.gz",
                     "mask_model_grid": "mask_model_grid.nii.gz"}
 DEMO_BYTES_PER_VOXEL = 32.0  # prepared volume, prediction, mask, HU copy and writer copies (float32)
 STAGES = ("load", "prepare", "predict", "write")
+DEFAULT_OUT = "medgmae_demo"  # --out when none is given (relative to the working folder)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ct", nargs="?", default=None,
                         help="CT to use: NIfTI / NRRD / MHA file or DICOM folder (default: the built-in phantom)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     parser.add_argument("--weights", default=None,
                         help=f"model checkpoint (default: the bundled demo weights {BUNDLED_WEIGHTS.name})")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (default 0.75)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the mask and the phantom (default 0)")
-    parser.add_argument("--spacing", type=float, default=1.5, help="model voxel spacing in mm (default 1.5)")
+    add_option(parser, "--spacing-mm", "--spacing", type=float, default=1.5,
+               help="model voxel spacing in mm (default 1.5)")
     parser.add_argument("--max-voxels", type=int, default=None,
-                        help="refuse a prepared grid (the CT at --spacing) above this many voxels (default 100 M, "
+                        help="refuse a prepared grid (the CT at --spacing-mm) above this many voxels (default 100 M, "
                              "or less if the memory would not hold it); an explicit value overrides both checks")
     parser.add_argument("--model-grid", action="store_true",
                         help="also write prediction_model_grid.nii.gz and mask_model_grid.nii.gz on the model grid")
@@ -123,7 +126,7 @@ def check_options(mask_ratio: float, spacing_mm: float, max_voxels: int | None) 
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
     if not (np.isfinite(spacing_mm) and spacing_mm > 0):
-        raise ValueError(f"--spacing must be a positive number of mm, got {spacing_mm}")
+        raise ValueError(f"--spacing-mm must be a positive number of mm, got {spacing_mm}")
     if max_voxels is not None and max_voxels < 1:
         raise ValueError(f"--max-voxels must be >= 1, got {max_voxels}")
 
@@ -288,7 +291,7 @@ def main(args: argparse.Namespace) -> int:
     json_lines = bool(getattr(args, "progress_json", False))
     reporter = ProgressReporter("demo", len(STAGES), json_lines=True) if json_lines else None
     res = run_demo(args.ct, args.out, weights=args.weights, mask_ratio=args.mask_ratio, seed=args.seed,
-                   spacing_mm=args.spacing, device=args.device, glyph_sigma=args.glyph_sigma,
+                   spacing_mm=args.spacing_mm, device=args.device, glyph_sigma=args.glyph_sigma,
                    glyph_threshold=args.glyph_threshold, phantom_shape=args.phantom_shape,
                    max_voxels=args.max_voxels, model_grid=args.model_grid, reporter=reporter)
     if reporter is not None:

@@ -1,6 +1,6 @@
 """``medgmae fit [CT] --num-gaussians K --out DIR``: fit Gaussians straight to a CT with the renderer.
 
-The CT is prepared like the model's inputs (RAS, ``--spacing`` mm, HU window [-175, 250] -> [0, 1]); the whole
+The CT is prepared like the model's inputs (RAS, ``--spacing-mm`` mm, HU window [-175, 250] -> [0, 1]); the whole
 prepared volume is fitted, or with ``--window`` one model-size window around ``--centre-ras`` (default: the
 volume's centre). Without a CT the built-in phantom is used. Outputs in ``--out``:
 
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from .options import add_option
 
 OUTPUT_NAMES = {"ply": "gaussians.ply", "volume": "fit.nii.gz", "png": "overview.png", "metrics": "metrics.json"}
 
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", action="store_true", help="fit one model window (96^3) instead of the whole CT")
     parser.add_argument("--window-size", type=int, default=96, help="window edge in voxels with --window (default 96)")
     parser.add_argument("--centre-ras", default=None, help="window centre x,y,z in RAS mm (default: volume centre)")
-    parser.add_argument("--spacing", type=float, default=1.5, help="voxel spacing of the fit in mm (default 1.5)")
+    add_option(parser, "--spacing-mm", "--spacing", type=float, default=1.5,
+               help="voxel spacing of the fit in mm (default 1.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in phantom (default 0)")
     parser.add_argument("--progress-json", action="store_true", help="JSON-lines progress on stdout")
 
@@ -69,14 +71,14 @@ def main(args: argparse.Namespace) -> int:
     if args.ct is None:
         from ..data.phantom import make_phantom
 
-        phantom = make_phantom((128, 128, 96), spacing_mm=args.spacing, seed=args.seed)
+        phantom = make_phantom((128, 128, 96), spacing_mm=args.spacing_mm, seed=args.seed)
         hu, affine, source = phantom.hu, phantom.affine, f"phantom (seed {args.seed})"
     else:
         from ..seg.io import read_volume
 
         vol = read_volume(args.ct, what="CT")
         hu, affine, source = vol.array, vol.affine, str(args.ct)
-    prepared = prepare_ct(hu, affine, spacing_mm=args.spacing)
+    prepared = prepare_ct(hu, affine, spacing_mm=args.spacing_mm)
     volume, ijk_to_ras = prepared.volume, prepared.ijk_to_ras
     if args.window:
         size = (int(args.window_size),) * 3

@@ -5,22 +5,22 @@ import argparse
 import os
 from typing import Any
 
+from .options import RESUME_HELP, add_option, int_triple
 from ..train.pretrain import AMP_CHOICES, CACHE_CHOICES, SETTINGS, load_settings_yaml, run, shipped_configs
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N,N,N, got {text!r}") from None
-
-
 EXAMPLES = """examples:
-  medgmae pretrain --data phantom:8 --steps 200 --out-dir runs/phantom        # no data needed
+  medgmae pretrain --data phantom:8 --steps 200 --out runs/phantom            # no data needed
   medgmae pretrain --config pretrain_tiny_cpu --data /path/to/cts --objective voxel
   medgmae pretrain --config run.yaml --resume auto                             # continue exactly
   torchrun --nproc_per_node=4 -m medgmae_core.cli pretrain --config pretrain_large_gpu --data list.json
 """
+
+
+# settings whose flag is not --python-name (the one vocabulary of ``commands.options``) and old spellings kept as
+# hidden aliases for one release; the python names (what checkpoints store in train_config) never change
+FLAGS = {"out_dir": "--out"}
+OLD_SPELLINGS = {"out_dir": ("--out-dir",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it), or the name of "
                         f"a shipped example: {', '.join(shipped_configs())}")
     types: dict[str, Any] = {"spacing_mm": float, "crops_per_case": int, "pos": float, "neg": float,
-                             "phantom_shape": _int_list, "img_size": _int_list, "patch_size": _int_list,
+                             "phantom_shape": int_triple, "img_size": int_triple, "patch_size": int_triple,
                              "num_gaussians": int, "mask_ratio": float, "steps": int, "batch_size": int, "lr": float,
                              "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "clip_grad": float,
                              "seed": int, "num_workers": int, "checkpoint_every": int, "keep_last": int,
@@ -39,15 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (default, help_text) in SETTINGS.items():
         if name == "model_overrides":
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        aliases = OLD_SPELLINGS.get(name, ())
         help_text = f"{help_text} (default: {default})" if default not in (None, False, {}) else help_text
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            add_option(parser, flag, *aliases, dest=name, action="store_true", default=argparse.SUPPRESS,
+                       help=help_text)
         elif name == "data":
-            parser.add_argument(flag, nargs="+", metavar="DATA", default=argparse.SUPPRESS, help=help_text)
+            add_option(parser, flag, *aliases, dest=name, nargs="+", metavar="DATA", default=argparse.SUPPRESS,
+                       help=help_text)
+        elif name == "resume":  # auto | PATH; a bare --resume is auto
+            add_option(parser, flag, *aliases, dest=name, nargs="?", const="auto", metavar="auto|PATH",
+                       default=argparse.SUPPRESS, help=RESUME_HELP)
         else:
-            parser.add_argument(flag, type=types.get(name, str), choices=choices.get(name),
-                                default=argparse.SUPPRESS, help=help_text)
+            add_option(parser, flag, *aliases, dest=name, type=types.get(name, str), choices=choices.get(name),
+                       metavar="DIR" if name == "out_dir" else None, default=argparse.SUPPRESS, help=help_text)
 
 
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import torch
 
 from ..seg.segment import segment
+from .options import add_option
 from ..train.distributed import resolve_device
 
 
@@ -21,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-voxels", type=int, default=None,
                         help="refuse a working grid (the CT at the checkpoint's spacing) above this many voxels "
                              "(default 100 M, or less if the memory would not hold it)")
-    parser.add_argument("--progress-json", "--json-lines", dest="json_lines", action="store_true",
-                        help="JSON-lines progress on stdout")
+    add_option(parser, "--progress-json", "--json-lines", dest="json_lines", action="store_true",
+               help="JSON-lines progress on stdout")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -130,7 +130,7 @@ def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: floa
 
 def check_resample_size(shape: Sequence[int], spacing: Sequence[float], target: float | Sequence[float] | None, *,
                         max_voxels: int | None = None, bytes_per_voxel: float = 24.0, what: str = "CT",
-                        spacing_option: str | None = "--spacing",
+                        spacing_option: str | None = "--spacing-mm",
                         override_option: str | None = "--max-voxels") -> tuple[int, int, int]:
     """Estimate the prepared grid and its memory *before* working; refuse it when too big, warn on upsampling.
 

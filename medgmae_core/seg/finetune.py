@@ -20,12 +20,12 @@ Progress is JSON lines (``--progress-json``); ``curves.png`` plots loss and vali
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,6 +39,66 @@ log = logging.getLogger(__name__)
 
 IMAGE, LABEL = "image", "label"
 SEG_TASK = "segmentation"
+
+
+# ============================================================== settings
+@dataclass
+class FinetuneSettings:
+    """Every setting of a fine-tuning run (python names of ``medgmae finetune``'s flags; ``commands.options``)."""
+
+    out: str = ""                      # run folder: step_*.pt, last.pt, best.pt, curves.png, history.json
+    # data
+    data: str | None = None            # datalist JSON or phantom[:N]
+    cases: list = field(default_factory=list)   # [(image, label), ...] instead of ``data``
+    label_map: str | None = None
+    classes: str | None = None
+    label_fraction: float = 1.0
+    val_fraction: float = 0.2
+    spacing_mm: float | None = 1.5     # <= 0 or None: keep the input spacing
+    img_size: Any = 96                 # crop / sliding-window size: N or (D, H, W)
+    crops_per_case: int = 2
+    pos: float = 3.0
+    neg: float = 1.0
+    phantom_shape: Any = (96, 96, 64)
+    phantom_spacing: float = 3.0
+    # model
+    encoder: str | None = None         # pre-trained checkpoint; None: train from scratch
+    model: str = "tiny"                # encoder size when training from scratch
+    patch_size: int | None = None
+    num_heads: int | None = None
+    feature_size: int = 16
+    freeze_encoder: bool = False
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    layer_decay: float = 0.75
+    warmup_steps: int = 50
+    clip_grad: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    # output
+    val_every: int = 100
+    checkpoint_every: int = 200
+    keep_last: int = 2
+    resume: str | None = None          # "auto" (OUT/last.pt) or a checkpoint path
+    progress_json: bool = False
+    quiet: bool = False
+
+    def check(self) -> "FinetuneSettings":
+        """Errors name the flag; returns ``self``."""
+        if not self.out:
+            raise ValueError("--out: give the run folder")
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "crops_per_case"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, weights-only-loadable values (the checkpoint's ``train_config``)."""
+        return {k: plain_value(v) for k, v in asdict(self).items()}
 
 
 # ============================================================== data
@@ -319,7 +379,7 @@ def plot_curves(history: dict[str, list], path: str | Path, title: str = "finetu
 
 
 # ============================================================== the run
-def build_network(args: argparse.Namespace, out_channels: int, roi: tuple[int, int, int]) -> tuple[UNETR, dict]:
+def build_network(args: FinetuneSettings, out_channels: int, roi: tuple[int, int, int]) -> tuple[UNETR, dict]:
     """UNETR (+ pre-trained encoder if ``--encoder``), and a description of the encoder's origin."""
     from ..model.configs import get_config
     from .transfer import load_encoder, read_pretrained
@@ -341,18 +401,18 @@ def build_network(args: argparse.Namespace, out_channels: int, roi: tuple[int, i
             over["patch_size"] = args.patch_size
         if args.num_heads:
             over["num_heads"] = args.num_heads
-        cfg = get_config(args.config, **over)
+        cfg = get_config(args.model, **over)
         model = UNETR(cfg, out_channels, feature_size=args.feature_size)
         origin = {"encoder": None, "layout": "scratch", "objective": "scratch"}
     return model, origin
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """Settings as weights-only-loadable plain values (lists for tuples, strings for anything else)."""
     if isinstance(value, (int, float, str, bool, type(None))):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return str(value)
 
 
@@ -360,12 +420,12 @@ def _roi(value: Sequence[int] | int) -> tuple[int, int, int]:
     v = list(value) if isinstance(value, (list, tuple)) else [value]
     v = v * 3 if len(v) == 1 else v
     if len(v) != 3 or min(v) < 1:
-        raise ValueError(f"--roi must be one or three positive ints, got {value}")
+        raise ValueError(f"--img-size must be one or three positive ints, got {value}")
     return tuple(int(x) for x in v)  # type: ignore[return-value]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole fine-tuning run; returns a summary (also the ``done`` event)."""
+def run(args: FinetuneSettings) -> dict[str, Any]:
+    """The whole fine-tuning run with ``args`` (checked here); returns a summary (also the ``done`` event)."""
     from monai.losses import DiceCELoss
 
     from ..data.datasets import parse_phantom_spec
@@ -374,13 +434,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_training_checkpoint
     from ..train.optim import build_scheduler, clip_gradients
 
+    args.check()
     out = Path(args.out)
-    if getattr(args, "threads", None):
+    if args.threads:
         torch.set_num_threads(int(args.threads))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % (2 ** 32))
-    roi = _roi(args.roi)
-    spacing = None if args.spacing is not None and args.spacing <= 0 else args.spacing
+    roi = _roi(args.img_size)
+    spacing = None if args.spacing_mm is not None and args.spacing_mm <= 0 else args.spacing_mm
 
     # ---- cases and labels
     n_phantoms = parse_phantom_spec(args.data) if args.data else None
@@ -392,7 +453,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.data:
             cases, val_cases_raw = datalist_cases(args.data)
         else:
-            cases = [{IMAGE: str(i), LABEL: str(l), "name": str(i)} for i, l in (args.case or [])]
+            cases = [{IMAGE: str(i), LABEL: str(l), "name": str(i)} for i, l in (args.cases or [])]
         if not cases:
             raise ValueError("no training data: give --data DATALIST.json | phantom:N, or --case IMAGE LABEL")
         for c in cases:
@@ -431,25 +492,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     groups = layer_decay_param_groups(model, args.lr, args.weight_decay, args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
-    warmup = args.warmup if args.warmup < args.steps else args.steps // 10  # a warmup longer than the run
+    warmup = args.warmup_steps if args.warmup_steps < args.steps else args.steps // 10  # a warmup longer than the run
     scheduler = build_scheduler(optimizer, warmup, args.steps)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    train_config = {k: _plain(v) for k, v in vars(args).items() if not k.startswith("_")}
+    train_config = args.to_dict()
     history: dict[str, Any] = {"loss": [], "val": []}
     start, best = 0, -1.0
     last = out / LAST_NAME
-    if args.resume:
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no {LAST_NAME} in {out}")
-        ckpt = load_checkpoint(last)
+    resume_path = None
+    if args.resume == "auto":  # continue OUT/last.pt if there is one (as pretrain's --resume auto)
+        resume_path = last if last.is_file() else None
+    elif args.resume:
+        resume_path = Path(args.resume).expanduser()
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint not found: {resume_path}")
+    if resume_path is not None:
+        ckpt = load_checkpoint(resume_path)
         if (ckpt.get("extra") or {}).get("task") != SEG_TASK:
-            raise ValueError(f"{last} is not a fine-tuning checkpoint")
+            raise ValueError(f"{resume_path} is not a fine-tuning checkpoint")
         start = restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
         history = ckpt["extra"].get("history", history)
         best = float(ckpt["extra"].get("best_dice", -1.0))
     elif last.exists():
-        raise ValueError(f"{out} already holds a run ({LAST_NAME}); pass --resume to continue it or choose "
+        raise ValueError(f"{out} already holds a run ({LAST_NAME}); pass --resume auto to continue it or choose "
                          "another --out")
     from ..errors import make_output_dir
 
@@ -465,7 +531,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ckpt_kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, config=model.encoder_config,
                        train_config=train_config)
-    reporter = ProgressReporter("finetune", args.steps, json_lines=args.json_lines, initial=start)
+    reporter = ProgressReporter("finetune", args.steps, json_lines=args.progress_json, initial=start)
     reporter.start(out=str(out), classes=task.names, train_cases=len(train_cases), val_cases=len(val_cases),
                    label_fraction=args.label_fraction, encoder=origin["encoder"], resumed_from=start)
     if start == 0:  # the untrained network's score: the curve's first point and the baseline

@@ -77,7 +77,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
     "checkpoint_every": (100, "write a checkpoint every N steps (and at the end)"),
     "keep_last": (3, "step checkpoints to keep besides last.pt (0: all)"),
     "log_every": (1, "report progress every N steps"),
-    "resume": (None, "checkpoint to continue from, or 'auto' (OUT_DIR/last.pt if it exists)"),
+    "resume": (None, "checkpoint to continue from, or 'auto' (OUT/last.pt if it exists)"),
     "progress_json": (False, "print JSON progress lines on stdout (for programs, e.g. the Slicer panel)"),
 }
 # Settings that define what a run computes: changing them on --resume breaks exact continuation.
@@ -335,7 +335,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if ckpt is None and (out_dir / LAST_NAME).exists():
         raise ValueError(f"{out_dir} already holds a run ({out_dir / LAST_NAME}); pass --resume auto to continue it, "
-                         "or choose another --out-dir")
+                         "or choose another --out")
     inherited = {k: v for k, v in (ckpt["train_config"] if ckpt else {}).items() if k not in SESSION_KEYS}
     cfg = validate_settings({**defaults, **inherited, **explicit})
     if ckpt:
