@@ -171,7 +171,7 @@ def test_viewer_in_a_real_browser(browser, tiny_weights, tmp_path):
 
     t0 = time.time()
     server = Server(["--phantom-shape", "40,40,32", "--weights", str(tiny_weights),
-                     "--export-dir", str(tmp_path / "exports")], tmp_path)
+                     "--out", str(tmp_path / "exports")], tmp_path)
     try:
         assert server.host == "127.0.0.1" and server.port > 0
         assert _listening_addresses(server.port) == {"0100007F"}  # 127.0.0.1 only, no other interface

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", default=None,
@@ -24,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every interface: only do that on a trusted network)")
     parser.add_argument("--weights", default=None, help="checkpoint for Predict (default: the bundled weights)")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="initial mask ratio (default 0.75)")
-    parser.add_argument("--spacing", type=float, default=1.5, help="display / model grid spacing in mm (default 1.5)")
+    add_option(parser, "--spacing-mm", "--spacing", type=float, default=1.5,
+               help="display / model grid spacing in mm (default 1.5)")
     parser.add_argument("--phantom-shape", default="128,128,96", help="shape X,Y,Z of the built-in phantom")
-    parser.add_argument("--export-dir", default=None, help="folder for exports (default ./medgmae_view_out)")
+    add_option(parser, "--out", "--export-dir", dest="export_dir", default=None, metavar="DIR",
+               help="folder the page's Export buttons write into (default ./medgmae_view_out)")
     parser.add_argument("--predict", action="store_true", help="predict once at start-up")
 
 
@@ -44,14 +48,13 @@ def main(args: argparse.Namespace) -> int:
     from ..viewer.app import ViewerApp
     from ..viewer.session import ViewerSession
 
-    session = ViewerSession(spacing_mm=args.spacing, phantom_shape=shape)
+    session = ViewerSession(spacing_mm=args.spacing_mm, phantom_shape=shape)
     app = ViewerApp(session, export_dir=args.export_dir, weights=args.weights, mask_ratio=args.mask_ratio)
     app.state.source = args.input or ""
     if not app.load(args.input):
         print(f"medgmae view: {app.state.error} (the page shows it; open another input there)", file=sys.stderr)
     elif args.predict:
-        app.session.predict(mask_ratio=args.mask_ratio, weights=args.weights)
-        app._refresh_all(reset_camera=False)
+        app.predict_now()
 
     def ready(url: str) -> None:
         print(f"medgmae view: {url}", flush=True)

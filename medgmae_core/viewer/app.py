@@ -156,6 +156,19 @@ class ViewerApp:
         with self.state:
             self.load(self.state.source)
 
+    def predict_now(self) -> bool:
+        """Predict on this thread (start-up ``--predict``); an error is shown in the page."""
+        s = self.state
+        job = PredictJob(self.session, mask_ratio=float(s.mask_ratio), weights=(s.weights or None))
+        job.run()
+        s.progress_text = job.message
+        if job.error is not None:
+            s.error = f"Prediction failed: {job.error}"
+            return False
+        s.progress = 100
+        self._refresh_all(reset_camera=True)
+        return True
+
     def start_predict(self) -> None:
         s = self.state
         if self.job is not None and self.job.running:

@@ -405,7 +405,7 @@ class PredictJob:
     thread: threading.Thread | None = field(default=None, repr=False)
 
     def start(self) -> "PredictJob":
-        self.thread = threading.Thread(target=self._run, name="medgmae-view-predict", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="medgmae-view-predict", daemon=True)
         self.thread.start()
         return self
 
@@ -417,7 +417,8 @@ class PredictJob:
         self.fraction = done / max(total, 1)
         self.message = f"window {done} / {total}"
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Predict on the calling thread (``start`` runs this on a worker)."""
         self.message = "loading the checkpoint"
         try:
             self.info = self.session.predict(mask_ratio=self.mask_ratio, weights=self.weights, seed=self.seed,
