@@ -59,7 +59,7 @@ def main() -> int:
                "--model", "tiny", "--objective", args.objective, "--steps", str(args.steps), "--batch-size", "2",
                "--lr", "3e-4", "--warmup-steps", "100", "--min-lr-ratio", "0.1", "--seed", "0",
                "--checkpoint-every", "250", "--keep-last", "4", "--log-every", "10",
-               "--out-dir", str(args.work), "--resume", "auto"]
+               "--out", str(args.work), "--resume", "auto"]
         print("running:", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
                                                    "NUMBA_NUM_THREADS": "1"})
