@@ -229,3 +229,19 @@ def test_opens_a_demo_output_folder_and_a_ply(tmp_path, tiny_weights, capsys):
     assert p.kind == "Gaussian PLY" and len(p.gaussians) == expected
     np.testing.assert_allclose(p.gaussians.centres, s.gaussians.centres, atol=1e-3)
     assert float(p.prepared.volume.max()) > 0  # their own render as the background
+
+
+def test_opens_a_reconstruct_style_folder_not_in_hu(tmp_path, predicted):
+    """``reconstruct`` writes attenuation (not HU) beside its PLY: shown between its percentiles, not refused."""
+    import nibabel as nib
+
+    s, _ = predicted
+    folder = tmp_path / "recon"
+    s.export("ply", folder)
+    mu = (0.02 * s.prepared.volume.numpy()).astype(np.float32)  # attenuation-like values in 1/mm
+    nib.save(nib.Nifti1Image(mu, s.prepared.ijk_to_ras), str(folder / "reconstruction.nii.gz"))
+    r = ViewerSession().load(folder)
+    assert r.kind == "output folder" and len(r.gaussians) == len(s.gaussians)
+    assert r.prepared.shape == s.prepared.shape and float(r.prepared.volume.std()) > 0.1
+    with pytest.raises(NotCTError):  # the same array is not a CT when opened as one
+        ViewerSession().load(folder / "reconstruction.nii.gz")

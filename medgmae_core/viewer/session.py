@@ -13,9 +13,8 @@ Inputs (:meth:`ViewerSession.load`):
 * ``None``: the built-in procedural phantom (``data.phantom.make_phantom``);
 * a CT file (NIfTI, NRRD/MHA) or a DICOM folder, read with the one reader (``data.readers.read_ct``);
 * an output folder of ``medgmae demo`` / ``fit`` / ``reconstruct`` (it holds ``gaussians.ply``): its Gaussians
-  over its CT (the demo's ``scene.mrb`` CT node) or its volume (``fit.nii.gz``, ``reconstruction.nii.gz``,
-  ``prediction.nii.gz``; a volume not in HU, such as an attenuation reconstruction, is shown between its 0.5th and
-  99.5th percentiles);
+  over its CT (the demo's ``scene.mrb`` CT node) or its volume (the first of :data:`OUTPUT_VOLUMES`; a volume not in
+  HU, such as an attenuation reconstruction, is shown between its 0.5th and 99.5th percentiles);
 * a Gaussian PLY: its Gaussians over their own render on the grid the PLY records.
 """
 from __future__ import annotations
@@ -35,7 +34,7 @@ from ..gaussians import GaussianSet
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 PLANES = ("axial", "coronal", "sagittal")
-OUTPUT_VOLUMES = ("fit.nii.gz", "reconstruction.nii.gz", "prediction.nii.gz")
+OUTPUT_VOLUMES = ("fit.nii.gz", "reconstruction_hu.nii.gz", "reconstruction.nii.gz", "prediction.nii.gz")
 EXPORT_NAMES = {"ply": "gaussians.ply", "nifti": "prediction.nii.gz", "mrb": "scene.mrb"}
 
 
