@@ -245,3 +245,12 @@ def test_opens_a_reconstruct_style_folder_not_in_hu(tmp_path, predicted):
     assert r.prepared.shape == s.prepared.shape and float(r.prepared.volume.std()) > 0.1
     with pytest.raises(NotCTError):  # the same array is not a CT when opened as one
         ViewerSession().load(folder / "reconstruction.nii.gz")
+
+
+def test_opens_a_real_ct_and_a_dicom_folder(small_real_ct, shared_ct):
+    s = ViewerSession(spacing_mm=3.0).load(small_real_ct)
+    assert s.kind == "CT" and s.hu.shape == (122, 101, 30) and s.gaussians is None
+    assert np.allclose(np.diag(s.prepared.ijk_to_ras)[:3], [3.0, 3.0, 3.0], atol=0.05)  # RAS, 3 mm
+    d = ViewerSession(spacing_mm=4.5).load(shared_ct / "totalsegmentator" / "example_ct_dicom")
+    assert d.kind == "CT" and d.hu.shape == (512, 512, 20) and min(d.prepared.shape) >= 2
+    assert _png_array(d.slice_png("axial"))[..., :3].std() > 0.05

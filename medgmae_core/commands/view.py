@@ -56,6 +56,10 @@ def main(args: argparse.Namespace) -> int:
     elif args.predict:
         app.predict_now()
 
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"medgmae view: warning: serving on {args.host}, not only this machine; the page has no login",
+              file=sys.stderr)
+
     def ready(url: str) -> None:
         print(f"medgmae view: {url}", flush=True)
 
