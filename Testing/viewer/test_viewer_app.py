@@ -55,7 +55,7 @@ def test_actions_update_what_the_page_shows(tiny_weights, tmp_path):
 
 
 def test_errors_go_to_the_page_and_keep_the_input(tmp_path):
-    app = _app(weights=str(tmp_path / "missing.pt"))
+    app = _app(weights=str(tmp_path / "missing.pt"), export_dir=tmp_path / "exports")
     s = app.state
     assert app.load(None)
     assert not app.load(str(tmp_path / "nope.nii.gz"))
@@ -63,3 +63,4 @@ def test_errors_go_to_the_page_and_keep_the_input(tmp_path):
     assert not app.predict_now() and "checkpoint not found" in s.error and s.n_gaussians == 0
     app.export("ply")
     assert "Export failed" in s.error and "Predict" in s.error
+    assert not (tmp_path / "exports").exists()  # nothing to export: no folder created either

@@ -362,13 +362,15 @@ class ViewerSession:
         self._require()
         if kind not in EXPORT_NAMES:
             raise ValueError(f"export kind must be one of {sorted(EXPORT_NAMES)}, got {kind!r}")
+        if kind == "ply" and self.gaussians is None:
+            raise ValueError("no Gaussians to export yet: press Predict first")
+        if kind == "nifti" and self.prediction is None and self.gaussians is None:
+            raise ValueError("no prediction to export yet: press Predict first")
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         path = out / EXPORT_NAMES[kind]
         prepared = self.prepared
         if kind == "ply":
-            if self.gaussians is None:
-                raise ValueError("no Gaussians to export yet: press Predict first")
             gs = self.gaussians.to_set(prepared.shape, prepared.ijk_to_ras)
             return ply.write_gaussians_ply(path, gs, shape=prepared.shape, ijk_to_ras=prepared.ijk_to_ras)
         lo, hi = HU_WINDOW
@@ -376,8 +378,6 @@ class ViewerSession:
         if pred is None and self.gaussians is not None:
             pred = self._render(self.gaussians.to_set(prepared.shape, prepared.ijk_to_ras), prepared.shape)
         if kind == "nifti":
-            if pred is None:
-                raise ValueError("no prediction to export yet: press Predict first")
             return nifti.write_volume(path, (lo + pred * (hi - lo)).numpy(), prepared.ijk_to_ras)
         ct = (lo + prepared.volume * (hi - lo)).numpy()
         poly, _ = self.glyph_polydata()
