@@ -647,7 +647,7 @@ def test_demo_nifti_outputs_are_on_the_input_grid(case, weights, tmp_path):
     np.testing.assert_allclose(np.abs(np.diag(grid.affine)[:3]), 3.0, rtol=0.35)
     assert np.all(np.diag(grid.affine)[:3] > 0)  # RAS
     # the resampled prediction at the input voxels agrees with the model grid at the same world points
-    from medgmae_core.seg.io import resample_linear, resample_nearest
+    from medgmae_core.data.volumes import resample_linear, resample_nearest
 
     back = resample_linear(grid.get_fdata(), grid.affine, ref.shape, ref.affine)
     np.testing.assert_allclose(pred, back, atol=1e-3)

@@ -15,7 +15,7 @@ import torch
 
 from medgmae_core.commands import finetune as finetune_command
 from medgmae_core.seg import finetune
-from medgmae_core.seg.io import read_volume
+from medgmae_core.data.volumes import read_volume
 from medgmae_core.seg.labels import LabelMap, sidecar_path
 from medgmae_core.train.checkpoint import load_checkpoint
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medgmae_core.seg.evaluate import dice_score, evaluate_arrays, evaluate_files, format_table, hd95
-from medgmae_core.seg.io import read_volume, reorient_to, write_nifti
+from medgmae_core.data.volumes import read_volume, reorient_to, write_nifti
 from medgmae_core.seg.labels import LabelMap, check_label_ids, remap_labels, sidecar_path
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from medgmae_core import cli
 from medgmae_core.commands import pretrain as pretrain_command
-from medgmae_core.train import pretrain
+from medgmae_core.train import settings as pretrain_settings
 from medgmae_core.train.checkpoint import load_checkpoint, load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,30 +46,30 @@ def test_settings_yaml_and_flags(tmp_path):
     args = parser.parse_args(["pretrain", "--config", str(config), "--lr", "0.002", "--amp", "bf16"])
     given = pretrain_command.explicit_settings(args)
     assert given["lr"] == 0.002 and given["batch_size"] == 4 and given["amp"] == "bf16"  # flag beats YAML
-    cfg = pretrain.validate_settings({**{k: v for k, (v, _) in pretrain.SETTINGS.items()}, **given})
+    cfg = pretrain_settings.validate_settings({**{k: v for k, (v, _) in pretrain_settings.SETTINGS.items()}, **given})
     assert cfg["img_size"] == [48, 48, 36] and cfg["warmup_steps"] == 1 and cfg["steps"] == 7
-    model_config = pretrain.build_model_config(cfg)
+    model_config = pretrain_settings.build_model_config(cfg)
     assert model_config.img_size == (48, 48, 36) and model_config.depth == 1 and model_config.objective == "gaussian"
     bad = tmp_path / "bad.yaml"
     bad.write_text("batchsize: 3\n")
     with pytest.raises(ValueError, match="unknown settings \\['batchsize'\\]"):
         pretrain_command.explicit_settings(parser.parse_args(["pretrain", "--config", str(bad)]))
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        pretrain.validate_settings({**cfg, "batch_size": 0})
+        pretrain_settings.validate_settings({**cfg, "batch_size": 0})
     with pytest.raises(ValueError, match="no training data"):
-        pretrain.validate_settings({**cfg, "data": None})
+        pretrain_settings.validate_settings({**cfg, "data": None})
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-        pretrain.resolve_amp("fp16", torch.device("cpu"))
-    assert pretrain.resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
+        pretrain_settings.resolve_amp("fp16", torch.device("cpu"))
+    assert pretrain_settings.resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
 
 
-@pytest.mark.parametrize("name", pretrain.shipped_configs())
+@pytest.mark.parametrize("name", pretrain_settings.shipped_configs())
 def test_shipped_example_configs_are_valid(name):
-    assert len(pretrain.shipped_configs()) >= 3
+    assert len(pretrain_settings.shipped_configs()) >= 3
     args = cli.build_parser(["pretrain"]).parse_args(["pretrain", "--config", name, "--data", "phantom:1"])
     given = pretrain_command.explicit_settings(args)
-    cfg = pretrain.validate_settings({**{k: v for k, (v, _) in pretrain.SETTINGS.items()}, **given})
-    config = pretrain.build_model_config(cfg)
+    cfg = pretrain_settings.validate_settings({**{k: v for k, (v, _) in pretrain_settings.SETTINGS.items()}, **given})
+    config = pretrain_settings.build_model_config(cfg)
     assert config.img_size == (96, 96, 96) and cfg["data"] == ["phantom:1"]
 
 

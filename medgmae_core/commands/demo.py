@@ -20,8 +20,10 @@ is masked (random 12^3 patches at ``--mask-ratio``) and run through the model's 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train.checkpoint import BUNDLED_WEIGHTS  # re-exported: the demo's default weights
+from .. import inference, spatial
+from ..data.phantom import make_phantom
+from ..data.readers import read_ct
+from ..data.transforms import HU_WINDOW, check_resample_size
+from ..data.volumes import resample_linear, resample_nearest
+from ..errors import OutputError, StagedOutputs, UserError, make_output_dir, os_error_message
+from ..export import figures, glyphs, nifti, ply, slicer_scene
+from ..progress import ProgressReporter
+from ..train.checkpoint import BUNDLED_WEIGHTS, load_model  # BUNDLED_WEIGHTS: the demo's default weights
 from .options import add_option
 
 log = logging.getLogger(__name__)
@@ -109,11 +119,8 @@ def load_ct(ct: str | Path | None, seed: int = 0,
             phantom_shape: tuple[int, int, int] = (128, 128, 96)) -> tuple[np.ndarray, np.ndarray, str]:
     """``(hu [I, J, K], ijk_to_ras, description)``: the file or DICOM folder, or the phantom."""
     if ct is None:
-        from ..data.phantom import make_phantom
-
         ph = make_phantom(shape=phantom_shape, seed=seed)
         return ph.hu, np.asarray(ph.affine, dtype=np.float64), f"built-in phantom (seed {seed})"
-    from ..data.readers import read_ct
 
     path = Path(ct).expanduser()
     if not path.exists():
@@ -141,11 +148,6 @@ class _Writing:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        import errno
-        import shutil
-
-        from ..errors import OutputError, UserError, os_error_message
-
         if exc is None or isinstance(exc, UserError) or not isinstance(exc, (OSError, RuntimeError)):
             return False
         if isinstance(exc, OSError):
@@ -170,12 +172,6 @@ def run_demo(ct: str | Path | None, out_dir: str | Path, *, weights: str | Path 
              phantom_shape: tuple[int, int, int] | str = (128, 128, 96), max_voxels: int | None = None,
              model_grid: bool = False, reporter=None) -> DemoResult:
     """The whole demo (module docstring). ``reporter``: an optional ``progress.ProgressReporter`` (4 stages)."""
-    from .. import inference, spatial
-    from ..data.transforms import HU_WINDOW, check_resample_size
-    from ..errors import StagedOutputs, make_output_dir
-    from ..export import figures, glyphs, nifti, ply, slicer_scene
-    from ..seg.io import resample_linear, resample_nearest
-    from ..train.checkpoint import load_model
 
     check_options(mask_ratio, spacing_mm, max_voxels)
     out = Path(out_dir).expanduser()
@@ -286,8 +282,6 @@ def format_summary(res: DemoResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..progress import ProgressReporter
-
     json_lines = bool(getattr(args, "progress_json", False))
     reporter = ProgressReporter("demo", len(STAGES), json_lines=True) if json_lines else None
     res = run_demo(args.ct, args.out, weights=args.weights, mask_ratio=args.mask_ratio, seed=args.seed,

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..model.configs import CONFIG_NAMES as MODEL_SIZES
 from ..seg.finetune import FinetuneSettings, run
-from .options import add_option, add_resume, int_triple, load_yaml_mapping
+from ..train.settings import read_settings_yaml
+from .options import add_option, add_resume, int_triple
 
 log = logging.getLogger(__name__)
 S = argparse.SUPPRESS  # every default comes from FinetuneSettings, so --config can sit between them and the flags
@@ -94,10 +95,9 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         log.warning("finetune --config %s: the model size is --model now (--config is a YAML file)", config)
         given.setdefault("model", config)  # old spelling: --config SIZE
     elif config:
-        merged = load_yaml_mapping(config)
-        unknown = sorted(set(merged) - names)
-        if unknown:
-            raise ValueError(f"{config}: unknown settings {unknown}; known: {sorted(names)}")
+        if not Path(config).expanduser().is_file():
+            raise FileNotFoundError(f"--config: YAML file not found: {config}")
+        merged = read_settings_yaml(Path(config).expanduser(), names)
     merged.update(given)
     if "img_size" in merged:
         merged["img_size"] = _flat_size(merged["img_size"])

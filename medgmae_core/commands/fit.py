@@ -18,6 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import spatial
+from ..data.phantom import make_phantom
+from ..data.transforms import HU_WINDOW
+from ..data.volumes import read_volume
+from ..export.figures import overview_png
+from ..export.nifti import write_volume
+from ..export.ply import write_gaussians_ply
+from ..inference import centred_offset, extract_window, prepare_ct
+from ..progress import ProgressReporter
+from ..render import render_volume
+from ..train.evaluation import largest_sigma_voxels
+from ..volume_fit import fit_volume
 from .options import add_option
 
 OUTPUT_NAMES = {"ply": "gaussians.ply", "volume": "fit.nii.gz", "png": "overview.png", "metrics": "metrics.json"}
@@ -53,29 +65,15 @@ def _centre(text: str | None) -> np.ndarray | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import spatial
-    from ..data.transforms import HU_WINDOW
-    from ..export.figures import overview_png
-    from ..export.nifti import write_volume
-    from ..export.ply import write_gaussians_ply
-    from ..inference import centred_offset, extract_window, prepare_ct
-    from ..progress import ProgressReporter
-    from ..train.evaluation import largest_sigma_voxels
-    from ..volume_fit import fit_volume
-
     if args.num_gaussians < 1:
         raise ValueError(f"--num-gaussians must be >= 1, got {args.num_gaussians}")
     if args.iters < 1:
         raise ValueError(f"--iters must be >= 1, got {args.iters}")
     centre_ras = _centre(args.centre_ras)
     if args.ct is None:
-        from ..data.phantom import make_phantom
-
         phantom = make_phantom((128, 128, 96), spacing_mm=args.spacing_mm, seed=args.seed)
         hu, affine, source = phantom.hu, phantom.affine, f"phantom (seed {args.seed})"
     else:
-        from ..seg.io import read_volume
-
         vol = read_volume(args.ct, what="CT")
         hu, affine, source = vol.array, vol.affine, str(args.ct)
     prepared = prepare_ct(hu, affine, spacing_mm=args.spacing_mm)
@@ -99,7 +97,6 @@ def main(args: argparse.Namespace) -> int:
                      on_progress=lambda e: reporter.progress(e["iteration"], psnr=e.get("psnr"),
                                                              gaussians=e["num_gaussians"]))
     gaussians = fit.gaussians
-    from ..render import render_volume
 
     rendered = render_volume(gaussians, shape)[0]
     lo, hi = HU_WINDOW

@@ -21,10 +21,7 @@ the same python names, so settings stored in checkpoints (e.g. ``train_config["o
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 RESUME_HELP = "auto (continue OUT/last.pt if it exists; also a bare --resume) or a checkpoint PATH"
 
@@ -53,18 +50,4 @@ def int_triple(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected N or N,N,N, got {text!r}") from None
 
 
-def load_yaml_mapping(path, *, what: str = "config") -> dict[str, Any]:
-    """A flat YAML mapping of settings (``-`` in keys read as ``_``); ``null`` values count as not given."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--{what}: YAML file not found: {path}")
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(content).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in content.items() if v is not None}
-
-
-__all__ = ["add_option", "add_resume", "int_triple", "load_yaml_mapping", "RESUME_HELP"]
+__all__ = ["add_option", "add_resume", "int_triple", "RESUME_HELP"]

@@ -5,8 +5,10 @@ import argparse
 import os
 from typing import Any
 
+from ..train.distributed import cleanup_distributed, init_distributed, resolve_device
+from ..train.pretrain import run
+from ..train.settings import AMP_CHOICES, CACHE_CHOICES, SETTINGS, load_settings_yaml, shipped_configs
 from .options import RESUME_HELP, add_option, int_triple
-from ..train.pretrain import AMP_CHOICES, CACHE_CHOICES, SETTINGS, load_settings_yaml, run, shipped_configs
 
 
 EXAMPLES = """examples:
@@ -64,8 +66,6 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.distributed import cleanup_distributed, init_distributed, resolve_device
-
     explicit = explicit_settings(args)
     device = resolve_device(explicit.get("device", SETTINGS["device"][0]), int(os.environ.get("LOCAL_RANK", "0")))
     info = init_distributed(device)

@@ -16,6 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import spatial
+from ..errors import StagedOutputs, make_output_dir
+from ..export.figures import overview_png
+from ..export.nifti import read_volume_array, write_volume
+from ..export.ply import read_gaussians_ply
+from ..progress import ProgressReporter
+from ..render import render_volume, resolve_backend
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ply", type=Path, help="Gaussian PLY file (3DGS-style fields)")
@@ -45,9 +53,6 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def resolve_grid(ply, like: Path | None, shape_text: str | None):
     """``(gaussians, shape, ijk_to_ras)`` on the grid to render: ``--like``, the PLY's own, or ``--shape``."""
-    from .. import spatial
-    from ..export.nifti import read_volume_array
-
     gs = ply.gaussians
     if shape_text is not None and like is not None:
         raise ValueError("--shape and --like both choose the output grid; give one of them")
@@ -89,20 +94,13 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..errors import StagedOutputs, make_output_dir
-    from ..export.nifti import write_volume
-    from ..export.ply import read_gaussians_ply
-    from ..progress import ProgressReporter
-    from ..render import render_volume, resolve_backend
-
     check_arguments(args)
     reporter = ProgressReporter("render", 1, json_lines=True) if getattr(args, "progress_json", False) else None
     ply = read_gaussians_ply(args.ply)
     gaussians, shape, affine = resolve_grid(ply, args.like, args.shape)
-    from ..data.transforms import check_resample_size
-    from ..spatial import spacing_of as _spacing
+    from ..data.transforms import check_resample_size  # MONAI: heavy, loaded only when rendering
 
-    check_resample_size(shape, _spacing(affine), None, max_voxels=args.max_voxels, bytes_per_voxel=12.0,
+    check_resample_size(shape, spatial.spacing_of(affine), None, max_voxels=args.max_voxels, bytes_per_voxel=12.0,
                         what=f"render grid of {args.ply}",
                         spacing_option="grid (a smaller --shape or --like CT)")
     if reporter is not None:
@@ -119,12 +117,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         write_volume(staged.path(args.out), volume, affine)
         if args.png is not None:
-            from ..export.figures import overview_png
-            from ..spatial import spacing_of
-
             shown = volume / volume.max().clamp_min(1e-12)
             overview_png(staged.path(args.png), ct=shown.numpy(), gaussians=gaussians,
-                         spacing=tuple(spacing_of(affine)), title=f"{args.ply.name}: {gaussians.num_gaussians} Gaussians")
+                         spacing=tuple(spatial.spacing_of(affine)), title=f"{args.ply.name}: {gaussians.num_gaussians} Gaussians")
         staged.commit()
     finally:
         staged.discard()

@@ -28,6 +28,8 @@ import torch
 from monai.transforms import Transform
 from torch.utils.data import DataLoader, Sampler
 
+from .volumes import read_datalist
+
 from .readers import VOLUME_SUFFIXES, dicom_series_files, has_suffix, read_header
 from .transforms import KEY, augment_transforms, preprocess_transforms, root_exception
 
@@ -69,23 +71,8 @@ def _case(path: str | Path) -> dict[str, Any]:
 
 
 def load_datalist(path: str | Path, key: str = "training") -> list[dict[str, Any]]:
-    """Items of a MONAI datalist JSON; relative paths are taken from the JSON's folder."""
-    path = Path(path)
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable datalist JSON ({exc})") from exc
-    entries = content.get(key) if isinstance(content, dict) else content
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: datalist has no list under key {key!r}")
-    cases = []
-    for i, entry in enumerate(entries):
-        image = entry.get(KEY) if isinstance(entry, dict) else entry
-        if not isinstance(image, str):
-            raise ValueError(f"{path}: entry {i} of {key!r} has no 'image' path")
-        image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-        cases.append(_case(image_path))
-    return cases
+    """Image cases of a MONAI datalist JSON (``data.volumes.read_datalist``, the one parser)."""
+    return [_case(c[KEY]) for c in read_datalist(path, key, fields=(KEY,))]
 
 
 def discover_volumes(path: str | Path, datalist_key: str = "training") -> list[dict[str, Any]]:

@@ -133,6 +133,18 @@ def _show_slice(ax, image, spacing_hv, *, cmap="gray", vmin=0.0, vmax=1.0, flip_
     ax.set_yticks([])
 
 
+def save_figure(fig, path: str | Path, *, dpi: float | None = None) -> Path:
+    """The one PNG writer: ``fig`` goes to a temporary file beside ``path`` (registered with ``errors``, so a failed
+    command removes it), then is renamed over ``path``; a failure never leaves a partial PNG under the final name."""
+    from ..errors import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
+    return path
+
+
 def overview_png(path: str | Path, *, ct, prediction=None, mask=None, gaussians: GaussianSet | None = None,
                  glyph_polydata=None, spacing=(1.5, 1.5, 1.5), slices: dict[str, int] | None = None,
                  sigma: float = 2.0, max_outlines: int = 300, title: str | None = None,
@@ -226,11 +238,10 @@ def overview_png(path: str | Path, *, ct, prediction=None, mask=None, gaussians:
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _scatter_3d(fig, spec, gaussians, shape) -> None:
@@ -242,4 +253,34 @@ def _scatter_3d(fig, spec, gaussians, shape) -> None:
     ax.set_title("Gaussian centres (3D)", fontsize=10)
 
 
-__all__ = ["overview_png", "slice_ellipses", "render_glyphs_offscreen", "voxel_gaussians", "PLANES"]
+
+def loss_curve_png(history: torch.Tensor, path: str | Path, title: str = "pre-training loss") -> Path | None:
+    """PNG of loss against step (raw and smoothed), written atomically; None if there is nothing to plot."""
+    if history.numel() == 0:
+        return None
+    from matplotlib.figure import Figure  # matplotlib: heavy, loaded when a figure is drawn
+
+    steps, losses = history[:, 0].numpy(), history[:, 1].numpy()
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+    if len(losses) >= 5:  # bias-corrected exponential moving average
+        alpha = min(0.3, max(0.005, 5.0 / len(losses)))
+        ema, smooth = 0.0, []
+        for t, v in enumerate(losses, start=1):
+            ema = (1 - alpha) * ema + alpha * float(v)
+            smooth.append(ema / (1 - (1 - alpha) ** t))
+        ax.plot(steps, smooth, lw=1.5, label=f"smoothed (EMA {alpha:.3g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if (losses > 0).all():
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+__all__ = ["overview_png", "loss_curve_png", "save_figure", "slice_ellipses", "render_glyphs_offscreen",
+           "voxel_gaussians", "PLANES"]

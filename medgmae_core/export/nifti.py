@@ -1,6 +1,6 @@
 """NIfTI export of predictions and masks, and reading volumes back with their affines.
 
-Reading (NIfTI, NRRD/MHA, DICOM folders) and the NIfTI writer itself live in ``seg.io``; this module adds the
+Reading (NIfTI, NRRD/MHA, DICOM folders) and the NIfTI writer itself live in ``data.volumes``; this module adds the
 export conventions: predictions as float32, masks and label maps as uint8, checked shapes and affines.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import spatial
-from ..seg.io import Volume, read_volume, write_nifti
+from ..data.volumes import Volume, read_volume, write_nifti
 
 
 def write_volume(path: str | Path, array, ijk_to_ras, *, kind: str = "prediction") -> Path:
@@ -35,7 +35,7 @@ def write_volume(path: str | Path, array, ijk_to_ras, *, kind: str = "prediction
 
 
 def read_volume_array(path: str | Path, *, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
-    """``(array [I, J, K], ijk_to_ras)`` from NIfTI, NRRD/MHA or a DICOM folder (via ``seg.io.read_volume``)."""
+    """``(array [I, J, K], ijk_to_ras)`` from NIfTI, NRRD/MHA or a DICOM folder (via ``data.volumes.read_volume``)."""
     vol: Volume = read_volume(path, what=what)
     return np.asarray(vol.array), np.asarray(vol.affine, dtype=np.float64)
 

@@ -1,4 +1,4 @@
-"""``medgmae evaluate --pred P --ref R [--labels JSON]``: per-class Dice and HD95 (mm), JSON + a table.
+"""Per-class Dice and HD95 (mm) of label maps, as JSON and a table (the library of ``medgmae evaluate``).
 
 Classes are matched by name when both label maps are known (the prediction's sidecar
 ``<pred>.labels.json`` written by ``medgmae segment``, or ``--pred-labels``; the reference's
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import read_volume, reorient_to
+from ..data.volumes import read_volume, reorient_to
 from .labels import LabelMap, check_label_ids, remap_labels, sidecar_path
 
 

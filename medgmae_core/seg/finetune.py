@@ -1,4 +1,4 @@
-"""``medgmae finetune``: UNETR segmentation from a pre-trained (or no) encoder.
+"""Fine-tuning UNETR segmentation from a pre-trained (or no) encoder: ``run(FinetuneSettings)`` (``medgmae finetune``).
 
 Data: a MONAI datalist JSON (``{"training": [{"image": ..., "label": ...}], "validation": [...]}``),
 ``--case IMAGE LABEL`` pairs, or ``phantom:N`` (generated phantoms with their labels). A source label
@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..data.volumes import read_datalist
+from ..train.optim import param_groups
 from .labels import LabelMap, check_label_ids, class_lookup
 from .unetr import UNETR
 
@@ -219,26 +221,18 @@ def phantom_label_cases(n: int, shape: Sequence[int], spacing_mm: float, seed: i
 
 
 def datalist_cases(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training, validation) cases of a MONAI datalist JSON with ``image`` and ``label`` paths."""
+    """(training, validation) cases of a MONAI datalist JSON with ``image`` and ``label`` paths
+    (``data.volumes.read_datalist``, the one parser); every path must exist."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"datalist not found: {path}")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     out = []
     for key in ("training", "validation"):
-        items = content.get(key, []) if isinstance(content, dict) else (content if key == "training" else [])
-        cases = []
-        for i, entry in enumerate(items):
-            if not isinstance(entry, dict) or not isinstance(entry.get(IMAGE), str) or not isinstance(entry.get(LABEL), str):
-                raise ValueError(f"{path}: {key}[{i}] needs 'image' and 'label' paths")
-            paths = {k: Path(entry[k]) if Path(entry[k]).is_absolute() else path.parent / entry[k] for k in (IMAGE, LABEL)}
-            for k, p in paths.items():
-                if not p.exists():
-                    raise FileNotFoundError(f"{path}: {key}[{i}] {k} not found: {p}")
-            cases.append({IMAGE: str(paths[IMAGE]), LABEL: str(paths[LABEL]), "name": str(paths[IMAGE])})
+        cases = read_datalist(path, key, fields=(IMAGE, LABEL), missing_ok=True)
+        for i, case in enumerate(cases):
+            for k in (IMAGE, LABEL):
+                if not Path(case[k]).exists():
+                    raise FileNotFoundError(f"{path}: {key}[{i}] {k} not found: {case[k]}")
         out.append(cases)
     if not out[0]:
         raise ValueError(f"{path}: the datalist has no 'training' cases")
@@ -299,24 +293,12 @@ def step_batch(cases: list[dict], augment, step: int, batch_size: int, crops_per
 # ============================================================== optimisation
 def layer_decay_param_groups(model: UNETR, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups: per encoder layer an lr scale ``layer_decay^(depth + 1 - layer)``, decoder scale 1;
-    no weight decay on norms, biases, tokens and position embeddings (``train.optim``'s rule)."""
-    from ..train.optim import no_weight_decay_names
-
+    no weight decay on norms, biases, tokens and position embeddings (``train.optim.param_groups``' rule)."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"--layer-decay must be in (0, 1], got {layer_decay}")
-    skip = no_weight_decay_names(model)
     top = model.encoder_config.depth + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = model.encoder_layer_id(name) if name.startswith("vit.") else top
-        no_decay = name in skip
-        g = groups.setdefault((layer, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else float(weight_decay),
-            "lr": lr * layer_decay ** (top - layer), "lr_scale": layer_decay ** (top - layer), "layer": layer})
-        g["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    return param_groups(model, weight_decay, lr=lr, top_layer=top, layer_decay=layer_decay,
+                        layer_of=lambda name: model.encoder_layer_id(name) if name.startswith("vit.") else top)
 
 
 @torch.no_grad()
@@ -347,6 +329,8 @@ def validate(model: UNETR, cases: list[dict], names: dict[int, str], roi_size: S
 
 def plot_curves(history: dict[str, list], path: str | Path, title: str = "finetune") -> Path:
     """Loss (per step) and validation Dice (per evaluation) as a two-panel PNG."""
+    from ..export.figures import save_figure
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,10 +356,10 @@ def plot_curves(history: dict[str, list], path: str | Path, title: str = "finetu
     ax2.set(xlabel="step", ylabel="Dice", title="validation Dice", ylim=(0, 1))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=100)  # atomic, as every PNG writer
+    finally:
+        plt.close(fig)
 
 
 # ============================================================== the run

@@ -1,4 +1,4 @@
-"""``medgmae segment CT --checkpoint C --out seg.nii.gz``: segment a CT file or DICOM folder.
+"""Segmenting a CT file or DICOM folder with a fine-tuned checkpoint (the library of ``medgmae segment``).
 
 1. load (NIfTI via nibabel; NRRD/MHA/DICOM series via SimpleITK), check it is a CT;
 2. the fine-tuning pipeline's deterministic part: RAS, the checkpoint's spacing, HU window;
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import resample_nearest, write_nifti
+from ..data.volumes import resample_nearest, write_nifti
 from .labels import LabelMap, sidecar_path
 from .unetr import UNETR, build_unetr
 

@@ -50,7 +50,7 @@ def window_offsets(shape: Sequence[int], window: int, count: int) -> list[tuple[
 def ct_windows(path, count: int = 4, window: int = 96, spacing_mm: float = 1.5) -> list[EvalWindow]:
     """``count`` windows of a CT file, prepared as for training (smaller axes are zero-padded, centred)."""
     from ..inference import extract_window, prepare_ct
-    from ..seg.io import read_volume
+    from ..data.volumes import read_volume
 
     vol = read_volume(path)
     prepared = prepare_ct(vol.array, vol.affine, spacing_mm=spacing_mm)

@@ -6,7 +6,7 @@ tokens; linear warmup then cosine decay; gradients clipped at norm 1.0.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -28,15 +28,34 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
             if p.ndim <= 1 or any(token in name.rsplit(".", 1)[-1] for token in NO_DECAY_NAMES)}
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: decayed weights and the rest."""
+def param_groups(model: nn.Module, weight_decay: float, *, lr: float | None = None,
+                 layer_of: Callable[[str], int] | None = None, top_layer: int = 0,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups over the trainable parameters, the one weight-decay rule (``no_weight_decay_names``).
+
+    Without ``layer_of``: two groups, decayed weights and the rest. With ``layer_of`` (parameter name -> layer id,
+    ``top_layer`` the highest): layer-wise lr decay, one group per (layer, decayed or not) with
+    ``lr * layer_decay^(top_layer - layer)`` (and its ``lr_scale`` and ``layer``), sorted by layer."""
     model = _unwrap(model)
     skip = no_weight_decay_names(model)
-    decay, no_decay = [], []
+    if layer_of is None:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name in skip else decay).append(p)
+        return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        layer = layer_of(name)
+        no_decay = name in skip
+        scale = layer_decay ** (top_layer - layer)
+        g = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else float(weight_decay),
+            "lr": lr * scale, "lr_scale": scale, "layer": layer})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,

@@ -1,13 +1,22 @@
-"""Label maps and CTs as (array in file voxel order, 4x4 RAS affine in mm); NIfTI out; grid checks.
+"""Volumes on disk, for every command: read, write, datalists, and grid checks.
 
-Reading is ``data.readers.read_image``, the one reader every command uses: NIfTI through nibabel (voxel order
-and affine exactly as stored), DICOM series folders (checked), NRRD and MetaImage through SimpleITK (RAS affine,
-[i, j, k] arrays like NIfTI). Writing is atomic (temporary file, then rename).
+The orientation rule (one, for every reader and writer): an image is ``(array, affine)`` with the array in the
+file's own voxel order ``[i, j, k]`` and ``affine`` the 4x4 map from voxel index to RAS millimetres. Nothing is
+reoriented or resampled on reading: NIfTI keeps its stored voxel order and affine (nibabel), NRRD / MetaImage and
+DICOM series (SimpleITK, LPS) get the equivalent RAS affine. Code that needs a canonical orientation says so where
+it happens (the model's inputs: ``inference.prepare_ct`` and MONAI ``Orientationd("RAS")``); grids are compared
+and resampled here (``same_grid``, ``reorient_to``, ``resample_*``). Writing is NIfTI with that affine as qform
+and sform, atomic (temporary file, then rename).
+
+Reading is ``data.readers.read_image``, the one reader (DICOM series checked, errors name the file);
+``read_datalist`` is the one MONAI datalist parser (``{"training": [{"image": ..., "label": ...}], ...}``).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,7 +41,7 @@ class Volume:
 def read_volume(path: str | Path, *, what: str = "image") -> Volume:
     """A 3D volume from a NIfTI file, a DICOM series folder, or an NRRD/MHA file: ``data.readers.read_image``,
     the one reader every command uses (errors name the file; ``[X, Y, Z, 1]`` is 3D; DICOM series checked)."""
-    from ..data.readers import read_image
+    from .readers import read_image  # SimpleITK / MONAI: heavy, loaded on first read
 
     array, affine = read_image(path, what=what)
     return Volume(array, affine, str(path))
@@ -108,3 +117,29 @@ def reorient_to(array: np.ndarray, affine: np.ndarray, ref_shape, ref_affine: np
             f"; {ref_what} shape {tuple(ref_shape)}, spacing {np.round(np.linalg.norm(ref_affine[:3, :3], axis=0), 3).tolist()}"
             f", origin {np.round(ref_affine[:3, 3], 2).tolist()}. Resample one onto the other first.")
     return resample_nearest(array, affine, ref_shape, ref_affine)
+
+
+def read_datalist(path: str | Path, key: str = "training", *, fields: Sequence[str] = ("image",),
+                  missing_ok: bool = False) -> list[dict[str, Any]]:
+    """Entries ``{field: path, ..., "name": image path}`` under ``key`` of a MONAI datalist JSON, paths relative
+    to the JSON's folder resolved. A bare list counts as ``"training"``, a bare string entry as its image.
+    ``missing_ok``: no list under ``key`` gives ``[]`` instead of an error."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable datalist JSON ({exc})") from exc
+    if isinstance(content, dict):
+        entries = content.get(key, [] if missing_ok else None)
+    else:  # a bare list: the training cases
+        entries = content if key == "training" or not missing_ok else []
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: datalist has no list under key {key!r}")
+    cases = []
+    for i, entry in enumerate(entries):
+        item = entry if isinstance(entry, dict) else {"image": entry}
+        if any(not isinstance(item.get(f), str) for f in fields):
+            raise ValueError(f"{path}: entry {i} of {key!r} needs {' and '.join(repr(f) for f in fields)} path(s)")
+        case = {f: str(Path(item[f]) if Path(item[f]).is_absolute() else path.parent / item[f]) for f in fields}
+        cases.append({**case, "name": case[fields[0]]})
+    return cases
