@@ -27,7 +27,7 @@ class BackgroundLogic:
                          pretrained: str | Path | None = None, extra_args: Sequence[str] = ()) -> list[str]:
         """``medgmae pretrain|finetune`` arguments (without the Python prefix). ``data_folder`` may also be
         ``phantom[:N]`` (generated phantoms); ``extra_args`` are passed through (e.g. ``--img-size 48``)."""
-        MedGMAEParameters(trainCommand=command, trainConfig=config, trainSteps=steps, trainDevice=device)
+        MedGMAEParameters.check(trainCommand=command, trainConfig=config, trainSteps=steps, trainDevice=device)
         command, config, device = _value(command), _value(config), _value(device)
         if device == "cuda":
             self.resolve_device(device)  # a clear error now, not in the child's log
@@ -74,8 +74,8 @@ class BackgroundLogic:
                                extra_args: Sequence[str] = ()) -> list[str]:
         """``medgmae reconstruct`` arguments: ``input_path`` is the CT to simulate a scan from (``source="simulate"``)
         or the projections file (``source="projections"``)."""
-        MedGMAEParameters(reconSource=source, reconGeometry=geometry, reconViews=views, reconInit=init,
-                          reconIterations=iterations)
+        MedGMAEParameters.check(reconSource=source, reconGeometry=geometry, reconViews=views, reconInit=init,
+                                reconIterations=iterations)
         source, geometry, init = _value(source), _value(geometry), _value(init)
         device = self.resolve_device(_value(device))  # `medgmae reconstruct --device` takes a concrete device
         if not is_set(input_path) or not Path(input_path).exists():

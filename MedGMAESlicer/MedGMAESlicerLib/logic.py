@@ -206,7 +206,7 @@ class MedGMAELogic(BackgroundLogic):
     def preview_mask(self, volume_node, *, mask_ratio: float = 0.75, patch_size: int = 12, seed: int = 0,
                      show: bool = True, interactive: bool = False) -> MaskPreview:
         """A masked copy of ``volume_node`` (hidden patches set to the volume minimum) and a label map of the mask."""
-        MedGMAEParameters(maskRatio=mask_ratio, patchSize=patch_size, seed=seed)  # range checks, named errors
+        MedGMAEParameters.check(maskRatio=mask_ratio, patchSize=patch_size, seed=seed)  # range checks, named errors
         voxels = array_ijk(volume_node)
         mask = voxel_mask(voxels.shape, patch_mask(voxels.shape, patch_size, mask_ratio, seed), patch_size)
         fill = float(voxels.min())
@@ -252,7 +252,7 @@ class MedGMAELogic(BackgroundLogic):
                            mask_ratio: float = 0.0, seed: int = 0, device: str = "auto") -> PredictionRequest:
         """The CT and settings as a :class:`PredictionRequest` (no node in it: it can go to another process)."""
         mode, device = getattr(mode, "value", mode), getattr(device, "value", device)
-        MedGMAEParameters(maskRatio=mask_ratio, seed=seed, device=device, windowMode=mode)  # named range errors
+        MedGMAEParameters.check(maskRatio=mask_ratio, seed=seed, device=device, windowMode=mode)  # named errors
         return PredictionRequest(np.array(array_ijk(volume_node), dtype=np.float32), ijk_to_ras(volume_node),
                                  checkpoint="" if not is_set(checkpoint) else str(checkpoint), mode=mode,
                                  point_ras=point_ras, mask_ratio=mask_ratio, seed=seed, device=device)

@@ -126,6 +126,31 @@ _LABELS: dict = {
 }
 
 
+def _checked(name: str, value: Any, spec: tuple[type, Any]) -> Any:
+    """One parameter's value coerced to its type and checked against its range / choices / node class."""
+    kind, marker = spec
+    if isinstance(marker, Node):
+        if value is not None and not value.IsA(marker.class_name):
+            raise ValueError(f"parameter {name}: expected a {marker.class_name}, got {value.GetClassName()}")
+        return value
+    try:
+        if isinstance(kind, type) and issubclass(kind, LabeledEnum):
+            value = kind.parse(value)
+        elif isinstance(marker, PathField):
+            value = path_text(value)
+        elif kind is bool:
+            value = value if isinstance(value, bool) else _parse_bool(value)
+        else:
+            value = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"parameter {name}: {value!r} is not a valid {kind.__name__}: {exc}") from exc
+    if isinstance(marker, Range) and not marker.minimum <= value <= marker.maximum:
+        raise ValueError(f"parameter {name}: {value} is outside [{marker.minimum}, {marker.maximum}]")
+    if isinstance(marker, Choice) and value not in marker.choices:
+        raise ValueError(f"parameter {name}: {value!r} is not one of {list(marker.choices)}")
+    return value
+
+
 @dataclass
 class MedGMAEParameters:
     # Mask
@@ -170,29 +195,19 @@ class MedGMAEParameters:
 
     def validate(self) -> "MedGMAEParameters":
         """Coerce types and check ranges/choices; errors name the parameter."""
-        for name, (kind, marker) in field_specs().items():
-            value = getattr(self, name)
-            if isinstance(marker, Node):
-                if value is not None and not value.IsA(marker.class_name):
-                    raise ValueError(f"parameter {name}: expected a {marker.class_name}, got {value.GetClassName()}")
-                continue
-            try:
-                if isinstance(kind, type) and issubclass(kind, LabeledEnum):
-                    value = kind.parse(value)
-                elif isinstance(marker, PathField):
-                    value = path_text(value)
-                elif kind is bool:
-                    value = value if isinstance(value, bool) else _parse_bool(value)
-                else:
-                    value = kind(value)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"parameter {name}: {value!r} is not a valid {kind.__name__}: {exc}") from exc
-            if isinstance(marker, Range) and not marker.minimum <= value <= marker.maximum:
-                raise ValueError(f"parameter {name}: {value} is outside [{marker.minimum}, {marker.maximum}]")
-            if isinstance(marker, Choice) and value not in marker.choices:
-                raise ValueError(f"parameter {name}: {value!r} is not one of {list(marker.choices)}")
-            object.__setattr__(self, name, value)
+        for name, spec in field_specs().items():
+            object.__setattr__(self, name, _checked(name, getattr(self, name), spec))
         return self
+
+    @classmethod
+    def check(cls, **values: Any) -> dict[str, Any]:
+        """Check only the given parameters (e.g. a command builder's arguments), without building a whole
+        parameter set: the coerced values; errors name the parameter."""
+        specs = field_specs()
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}")
+        return {name: _checked(name, value, specs[name]) for name, value in values.items()}
 
     # ------------------------------------------------ parameter node (scene) I/O
     def write_to_node(self, node) -> None:

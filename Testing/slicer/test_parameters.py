@@ -34,6 +34,17 @@ def test_defaults_and_validation():
     assert P.MedGMAEParameters(patchSize="16", trainResume="true").patchSize == 16
 
 
+
+def test_check_only_the_given_parameters():
+    """Command builders check their arguments without building (and discarding) a whole parameter set."""
+    assert P.MedGMAEParameters.check(trainSteps="7", trainConfig="base") == {"trainSteps": 7,
+                                                                              "trainConfig": P.ModelSize.BASE}
+    with pytest.raises(ValueError, match="parameter maskRatio"):
+        P.MedGMAEParameters.check(maskRatio=1.5)
+    with pytest.raises(ValueError, match="unknown parameters"):
+        P.MedGMAEParameters.check(maskRatioo=0.5)
+
+
 def test_node_fields_check_class():
     import slicer
     scene = slicer.vtkMRMLScene()
