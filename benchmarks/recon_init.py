@@ -1,7 +1,7 @@
 """Reconstruction benchmark (issue 11): Gaussian fits against FDK and RTK, and what each initialisation buys.
 
     python benchmarks/recon_init.py --out bench_out/recon_init.json                 # full: 96^3, 120 + 40 views
-    python benchmarks/recon_init.py --out bench_out/recon_init_quick.json --quick   # < 15 min on one thread
+    python benchmarks/recon_init.py --out bench_out/recon_init_quick.json --quick   # 21 min on one thread at load ~6
     python benchmarks/recon_init.py --out ... --inits medgmae,medgmae* --checkpoint new.pt   # rerun for new weights
 
 Volumes (``--volumes``): ``chest_cta``, a 96^3 window at 1.5 mm of the chest CTA
@@ -315,7 +315,7 @@ def plot(path: Path, scans: list[dict]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quick", action="store_true", help="48^3 at 3 mm, 40 views, 150 iterations (< 15 min)")
+    ap.add_argument("--quick", action="store_true", help="48^3 at 3 mm, 40 views, 150 iterations (21 min on one thread at load ~6)")
     ap.add_argument("--volumes", default="chest_cta,phantom")
     ap.add_argument("--views", default="120,40")
     ap.add_argument("--inits", default=",".join(ALL_INITS))
