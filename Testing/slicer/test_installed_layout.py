@@ -223,5 +223,6 @@ def test_minimum_python_and_slicer_are_stated_consistently():
     assert MIN_SLICER == (5, 10)
     cmake = (REPO / "CMakeLists.txt").read_text()
     assert "set(MedGMAESlicer_MINIMUM_SLICER_VERSION 5.10)" in cmake and 'EXTENSION_DEPENDS "PyTorch"' in cmake
-    readme = (REPO / "README.md").read_text() + (MODULE_SOURCE / "README.md").read_text()
+    # utf-8 explicitly: after a DICOM series read (SimpleITK/GDCM) earlier in the suite the process locale is C
+    readme = "".join((folder / "README.md").read_text(encoding="utf-8") for folder in (REPO, MODULE_SOURCE))
     assert "3D Slicer 5.10" in readme

@@ -31,10 +31,28 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, Orientationd,
+                              RandCropByPosNegLabeld, RandFlipd, RandRotate90d, ScaleIntensityRanged, Spacingd,
+                              SpatialPadd)
 
+from ..data.datasets import derive_seed, parse_phantom_spec
+from ..data.phantom import LABEL_NAMES, make_phantom
+from ..data.transforms import HU_WINDOW, EnsureCTd, LoadCTd
 from ..data.volumes import read_datalist
-from ..train.optim import param_groups
+from ..errors import make_output_dir
+from ..export.figures import save_figure
+from ..model.configs import get_config
+from ..progress import ProgressReporter
+from ..train.checkpoint import (LAST_NAME, load_checkpoint, restore_training_state, save_checkpoint,
+                                save_training_checkpoint)
+from ..train.distributed import resolve_device
+from ..train.optim import build_scheduler, clip_gradients, param_groups
+from .evaluate import dice_score
 from .labels import LabelMap, check_label_ids, class_lookup
+from .transfer import load_encoder, read_pretrained
 from .unetr import UNETR
 
 log = logging.getLogger(__name__)
@@ -161,11 +179,6 @@ def preprocess_transforms(task: LabelMap, source: LabelMap | None, *, spacing_mm
                           roi_size: Sequence[int], load: bool = True,
                           window: tuple[float, float] | None = None):
     """Deterministic part: pre-training's steps 1-5 with a label key (nearest resampling for labels)."""
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, Orientationd,
-                                  ScaleIntensityRanged, Spacingd, SpatialPadd)
-
-    from ..data.transforms import HU_WINDOW, EnsureCTd, LoadCTd
-
     window = window or HU_WINDOW
     keys = [IMAGE, LABEL]
     steps: list[Any] = [LoadCTd(IMAGE), LoadCTd(LABEL), EnsureChannelFirstd(keys=keys)] if load else []
@@ -189,8 +202,6 @@ def preprocess_transforms(task: LabelMap, source: LabelMap | None, *, spacing_mm
 def augment_transforms(roi_size: Sequence[int], *, num_samples: int, pos: float, neg: float,
                        flip_prob: float = 0.2, rot90_prob: float = 0.2):
     """Random part: crops centred on labelled voxels ``pos : neg``, flips on each axis and rot90."""
-    from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
-
     keys = [IMAGE, LABEL]
     return Compose([
         RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=tuple(roi_size), pos=pos, neg=neg,
@@ -204,10 +215,6 @@ def augment_transforms(roi_size: Sequence[int], *, num_samples: int, pos: float,
 
 def phantom_label_cases(n: int, shape: Sequence[int], spacing_mm: float, seed: int) -> tuple[list[dict], LabelMap]:
     """``n`` generated phantoms with their label volumes, as in-memory channel-first cases."""
-    from monai.data import MetaTensor
-
-    from ..data.phantom import LABEL_NAMES, make_phantom
-
     if n < 1:
         raise ValueError(f"number of phantoms must be >= 1, got {n}")
     cases = []
@@ -272,7 +279,6 @@ def preprocess_cases(cases: list[dict], transform) -> list[dict]:
 def step_batch(cases: list[dict], augment, step: int, batch_size: int, crops_per_case: int,
                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The crops of step ``step``: a pure function of (seed, step). -> image, label ``[B, 1, *roi]``."""
-    from ..data.datasets import derive_seed
 
     rng = np.random.default_rng([int(seed), int(step)])
     images, labels = [], []
@@ -305,10 +311,6 @@ def layer_decay_param_groups(model: UNETR, lr: float, weight_decay: float, layer
 def validate(model: UNETR, cases: list[dict], names: dict[int, str], roi_size: Sequence[int], *,
              overlap: float = 0.25) -> dict[str, Any]:
     """Sliding-window prediction of each preprocessed validation case; per-class and mean Dice."""
-    from monai.inferers import sliding_window_inference
-
-    from .evaluate import dice_score
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -329,9 +331,8 @@ def validate(model: UNETR, cases: list[dict], names: dict[int, str], roi_size: S
 
 def plot_curves(history: dict[str, list], path: str | Path, title: str = "finetune") -> Path:
     """Loss (per step) and validation Dice (per evaluation) as a two-panel PNG."""
-    from ..export.figures import save_figure
 
-    import matplotlib
+    import matplotlib  # matplotlib: heavy, loaded only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -365,8 +366,6 @@ def plot_curves(history: dict[str, list], path: str | Path, title: str = "finetu
 # ============================================================== the run
 def build_network(args: FinetuneSettings, out_channels: int, roi: tuple[int, int, int]) -> tuple[UNETR, dict]:
     """UNETR (+ pre-trained encoder if ``--encoder``), and a description of the encoder's origin."""
-    from ..model.configs import get_config
-    from .transfer import load_encoder, read_pretrained
 
     if args.encoder:
         pre = read_pretrained(args.encoder)
@@ -410,14 +409,6 @@ def _roi(value: Sequence[int] | int) -> tuple[int, int, int]:
 
 def run(args: FinetuneSettings) -> dict[str, Any]:
     """The whole fine-tuning run with ``args`` (checked here); returns a summary (also the ``done`` event)."""
-    from monai.losses import DiceCELoss
-
-    from ..data.datasets import parse_phantom_spec
-    from ..progress import ProgressReporter
-    from ..train.checkpoint import LAST_NAME, load_checkpoint, restore_training_state, save_checkpoint, \
-        save_training_checkpoint
-    from ..train.optim import build_scheduler, clip_gradients
-
     args.check()
     out = Path(args.out)
     if args.threads:
@@ -468,7 +459,6 @@ def run(args: FinetuneSettings) -> dict[str, Any]:
     augment = augment_transforms(roi, num_samples=args.crops_per_case, pos=args.pos, neg=args.neg)
 
     # ---- network, optimiser
-    from ..train.distributed import resolve_device
 
     device = resolve_device(args.device)
     model, origin = build_network(args, task.num_classes, roi)
@@ -501,7 +491,6 @@ def run(args: FinetuneSettings) -> dict[str, Any]:
     elif last.exists():
         raise ValueError(f"{out} already holds a run ({LAST_NAME}); pass --resume auto to continue it or choose "
                          "another --out")
-    from ..errors import make_output_dir
 
     make_output_dir(out)  # removed again if the run fails while it is still empty
 

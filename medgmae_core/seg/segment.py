@@ -15,8 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
 
+from ..data.readers import read_ct
+from ..data.transforms import check_resample_size, inference_transforms
 from ..data.volumes import resample_nearest, write_nifti
+from ..errors import StagedOutputs, make_output_dir
+from ..train.checkpoint import load_checkpoint
 from .labels import LabelMap, sidecar_path
 from .unetr import UNETR, build_unetr
 
@@ -26,7 +32,6 @@ SEG_TASK = "segmentation"
 @dataclass
 class Segmenter:
     """A fine-tuned UNETR with what inference needs: labels, spacing, window, HU window."""
-
     model: UNETR
     labels: LabelMap
     spacing_mm: tuple[float, float, float] | None
@@ -38,8 +43,6 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Segmenter":
-        from ..train.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(path, map_location="cpu")
         return cls.from_state(ckpt, origin=str(path), device=device)
 
@@ -62,9 +65,7 @@ class Segmenter:
     def load(self, path: str | Path):
         """The CT as loaded (MetaTensor ``[1, X, Y, Z]`` in HU on the file's grid), through the one reader every
         command uses (``data.readers.read_ct``: errors name the file, DICOM series are checked)."""
-        from monai.data import MetaTensor
 
-        from ..data.readers import read_ct
 
         path = Path(path)
         if not path.exists():
@@ -78,7 +79,6 @@ class Segmenter:
     def check_size(self, image, *, max_voxels: int | None = None, what: str = "input CT") -> tuple[int, int, int]:
         """The working grid's size at the checkpoint's spacing, refused above ``max_voxels`` or the memory
         (``data.transforms.check_resample_size``), before any work."""
-        from ..data.transforms import check_resample_size
 
         affine = np.asarray(image.affine, dtype=np.float64)
         classes = self.labels.num_classes
@@ -88,15 +88,11 @@ class Segmenter:
 
     def preprocess(self, image):
         """HU MetaTensor on its grid -> windowed MetaTensor in RAS at the model's spacing."""
-        from ..data.transforms import inference_transforms
-
         return inference_transforms(self.spacing_mm, load=False, window=self.hu_window)({"image": image})["image"]
 
     @torch.no_grad()
     def predict_logits(self, image: torch.Tensor, *, overlap: float = 0.5, sw_batch_size: int = 1) -> torch.Tensor:
         """Windowed ``[1, X, Y, Z]`` -> logits ``[C, X, Y, Z]`` by sliding-window inference."""
-        from monai.inferers import sliding_window_inference
-
         device = next(self.model.parameters()).device
         x = torch.as_tensor(image, dtype=torch.float32).as_subclass(torch.Tensor)[None].to(device)  # [1, 1, X, Y, Z]
         logits = sliding_window_inference(x, self.roi_size, sw_batch_size, self.model, overlap=overlap,
@@ -130,7 +126,6 @@ def segment(input_path: str | Path, checkpoint: str | Path, out: str | Path, *, 
     Every input is checked (checkpoint kind, the CT, the working grid's size) before ``on_start(**fields)`` is
     called (the CLI starts its progress reporting there); both outputs are written or neither
     (``errors.StagedOutputs``)."""
-    from ..errors import StagedOutputs, make_output_dir
 
     t0 = time.time()
     out = Path(out)
