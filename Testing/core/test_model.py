@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from medgmae_core.train.optim import param_groups
+
 from medgmae_core.gaussians import GaussianSet
 from medgmae_core.model import (CONFIG_NAMES, MedGMAE, ModelConfig, ModelOutput, VoxelMAE, build_model, get_config,
                                 random_masking, sincos_position_embedding_3d)
@@ -364,7 +366,7 @@ def test_no_weight_decay_groups():
                  "decoder.heads.head_scale.weight", "levels.1.delta_centre.weight"):
         assert name not in skip
     assert "mask_token" in {n.rsplit(".", 1)[-1] for n in small_model("voxel").no_weight_decay()}
-    decay, no_decay = model.param_groups(0.05)
+    decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from medgmae_core.train.optim import param_groups
 import torch.nn.functional as F
 
 from medgmae_core.model import build_model, get_config
@@ -28,7 +30,7 @@ def ct_crop(small_real_ct) -> torch.Tensor:
 
 
 def train_losses(model, volume: torch.Tensor, steps: int, lr: float, warmup: int = 10) -> list[float]:
-    opt = torch.optim.AdamW(model.param_groups(0.05), lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup))
     masks = torch.Generator().manual_seed(0)
     losses = []

@@ -122,15 +122,6 @@ class MaskedAutoencoder3D(nn.Module):
                 names.add(name)
         return names
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups over trainable parameters: ``weight_decay`` on weights, 0 on :meth:`no_weight_decay`."""
-        skip = self.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if name in skip else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     @staticmethod
     def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Mean of ``values`` where ``weight`` (broadcast, 0/1) is 1; the plain mean when
