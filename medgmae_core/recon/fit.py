@@ -31,7 +31,13 @@ Gaussian densifies when that norm is among the top ``densify_fraction``
 in practice: with the scale-free loss the absolute gradients depend on the
 volume size, view count and Gaussian count, and on a 96^3 window with 20k
 Gaussians and 10 of 40 views per iteration not one Gaussian ever reached 2e-4
-(the set stayed at 20,000). A densifying Gaussian is cloned when small
+(the set stayed at 20,000). Measured with these defaults on that window (chest
+CTA, cone beam, 40 views, ``fbp`` init, 1,500 iterations, lr horizon 30k):
+20,000 -> 35,924 Gaussians (almost all splits), 30.94 dB against FDK's 26.54,
++4.40 dB; +4.05 dB at 1,300 (``benchmarks/results/recon_densify_chest96.json``).
+Densification itself costs ~0.1-0.2 dB while it runs (29.87 against 29.99 dB
+without it at 800 iterations); the gain comes after ``densify_until`` (80% of
+``iters``), when the grown set settles. A densifying Gaussian is cloned when small
 (largest scale <= ``split_scale_voxels``) or split in two when large. A clone and its parent each keep half the intensity
 (the volume is unchanged). A split replaces the parent by two children placed
 at ``+-0.781 s_max`` along its longest axis, that axis' scale divided by 1.6 and
