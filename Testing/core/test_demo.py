@@ -125,7 +125,11 @@ def test_main_job_with_the_bundled_demo_weights(tmp_path, monkeypatch):
     bundled = demo.BUNDLED_WEIGHTS
     assert bundled.stat().st_size <= 20 * 2**20
     ckpt = torch.load(bundled, map_location="cpu", weights_only=True)
-    assert "DEMO weights" in ckpt["extra"]["note"] and ckpt["optimizer"] is None
+    assert "not the paper's weights" in ckpt["extra"]["note"] and ckpt["optimizer"] is None
+    # provenance: what it was trained on, and the held-out CT that it was not (issue 10)
+    trained_on = [str(p) for p in ckpt["extra"]["training_data"]]
+    assert any(p.startswith("phantom_") for p in trained_on) and ckpt["extra"]["held_out"]
+    assert not set(ckpt["extra"]["held_out"]) & set(trained_on)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["demo", "--out", "out"]) == 0
     out = tmp_path / "out"

@@ -92,13 +92,11 @@ def test_predict_errors_are_reported_by_the_job(tmp_path):
         s.predict(mask_ratio=1.0)
 
 
-def test_bundled_weights_are_the_newest_pt(tmp_path, monkeypatch):
-    for i, name in enumerate(("zz_old.pt", "aa_new.pt")):
-        (tmp_path / name).write_bytes(b"x")
-        os.utime(tmp_path / name, (1_000_000 + i * 100, 1_000_000 + i * 100))
-    monkeypatch.setattr(vs, "WEIGHTS_DIR", tmp_path)
-    assert vs.bundled_weights() == tmp_path / "aa_new.pt"
-    monkeypatch.setattr(vs, "WEIGHTS_DIR", tmp_path / "none")
+def test_bundled_weights_are_the_one_bundled_checkpoint(tmp_path, monkeypatch):
+    from medgmae_core.train import checkpoint
+
+    assert vs.bundled_weights() == checkpoint.BUNDLED_WEIGHTS and checkpoint.BUNDLED_WEIGHTS.is_file()
+    monkeypatch.setattr(checkpoint, "BUNDLED_WEIGHTS", tmp_path / "none.pt")
     assert vs.bundled_weights() is None
 
 

@@ -31,6 +31,7 @@ from .fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
 from .initialisation import INIT_METHODS, DEFAULT_RESIDUAL_FIT_ITERS, initialise_calibrated
 from .io import ProjectionData, is_data_exchange, load_projections, mu_to_hu, save_projections, simulate_from_ct
 from .metrics import progress_against_baseline, psnr, ssim
+from ..train.checkpoint import WEIGHTS_DIR, bundled_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +39,6 @@ CHECKPOINT_NAME = "recon_checkpoint.pt"
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PROJECTION_SUFFIXES = (".npz", ".h5", ".hdf5", ".hdf")
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-DEMO_WEIGHTS = WEIGHTS_DIR / "demo_tiny.pt"  # the first bundled weights; see bundled_weights()
-
-
-def bundled_weights() -> Path | None:
-    """The bundled checkpoint: the newest ``medgmae_core/weights/*.pt`` (None when there is none)."""
-    found = sorted(WEIGHTS_DIR.glob("*.pt"), key=lambda p: (p.stat().st_mtime, p.name))
-    return found[-1] if found else None
 
 
 # ------------------------------------------------------------------ pieces

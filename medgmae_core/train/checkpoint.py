@@ -43,9 +43,16 @@ log = logging.getLogger(__name__)
 
 FORMAT = "medgmae-checkpoint/1"
 LAST_NAME = "last.pt"
-# the bundled demo weights (demo weights, not the paper's): the default of `medgmae demo` and the Slicer panel
-BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo_tiny.pt"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+# The bundled pre-training weights (CPU-trained, not the paper's; recipe and training list inside, see
+# scripts/train_weights.py): the default of `medgmae demo`, `reconstruct --init medgmae`, `view` and the Slicer panel.
+BUNDLED_WEIGHTS = WEIGHTS_DIR / "medgmae_tiny.pt"
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def bundled_weights() -> Path | None:
+    """The bundled checkpoint, or None when it is not installed."""
+    return BUNDLED_WEIGHTS if BUNDLED_WEIGHTS.is_file() else None
 
 
 class CheckpointError(InputError):

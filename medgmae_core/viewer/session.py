@@ -31,17 +31,10 @@ import torch
 
 from .. import spatial
 from ..gaussians import GaussianSet
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+from ..train.checkpoint import WEIGHTS_DIR, bundled_weights
 PLANES = ("axial", "coronal", "sagittal")
 OUTPUT_VOLUMES = ("fit.nii.gz", "reconstruction_hu.nii.gz", "reconstruction.nii.gz", "prediction.nii.gz")
 EXPORT_NAMES = {"ply": "gaussians.ply", "nifti": "prediction.nii.gz", "mrb": "scene.mrb"}
-
-
-def bundled_weights() -> Path | None:
-    """The bundled checkpoint: the newest ``medgmae_core/weights/*.pt`` (None when there is none)."""
-    found = sorted(WEIGHTS_DIR.glob("*.pt"), key=lambda p: (p.stat().st_mtime, p.name))
-    return found[-1] if found else None
 
 
 @dataclass
