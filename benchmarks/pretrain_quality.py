@@ -129,6 +129,8 @@ def write_png(path: Path, windows, gaussian_model, voxel_model, seed: int) -> No
             coll = EllipseCollection(widths, heights, angles, units="xy", offsets=xy, offset_transform=axes[row, -1].transData,
                                      facecolors="none", edgecolors="tab:orange", linewidths=0.6)
             axes[row, -1].add_collection(coll)
+        n0, n1 = w.volume.shape[0], w.volume.shape[1]
+        axes[row, -1].set_xlim(-0.5, n0 - 0.5), axes[row, -1].set_ylim(-0.5, n1 - 0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
