@@ -57,6 +57,27 @@ class VolumeRenderer:
         return render_volume(gaussians, self.shape, cutoff=self.cutoff, backend=self.backend)
 
 
+def run_volume_fit(target: torch.Tensor, start: GaussianSet, iters: int, *, max_intensity: float,
+                   densify: bool = False, reference: bool = False,
+                   on_progress: Callable[[dict], None] | None = None, **config) -> ReconstructionFit:
+    """The one image-domain fit: ``start`` fitted to ``target [D, H, W]`` by the 3DGR-CT loop with the renderer as
+    its projector, run to ``iters``. Without ``densify`` the count stays fixed; ``config`` sets any other
+    ``FitConfig`` field; ``reference=True`` scores PSNR against ``target`` (data range 1) as it goes."""
+    if int(iters) < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    target = torch.as_tensor(target).detach().float()
+    shape = tuple(int(n) for n in target.shape)
+    defaults = {"eval_every": max(1, int(iters))}
+    if not densify:
+        defaults.update(densify_from=int(iters) + 1, densify_every=max(1, int(iters)))  # never
+    cfg = FitConfig(iters=int(iters), **{**defaults, **config})
+    params = GaussianParams.from_gaussians(start.detach().to(torch.float32), max_intensity=max_intensity)
+    fit = ReconstructionFit(params, target[None], VolumeRenderer(shape), shape, cfg,
+                            reference=target if reference else None, data_range=1.0 if reference else None)
+    fit.run(on_progress=on_progress)
+    return fit
+
+
 @dataclass
 class VolumeFit:
     gaussians: GaussianSet
@@ -65,24 +86,16 @@ class VolumeFit:
 
 
 def fit_volume(volume: torch.Tensor, num_gaussians: int, *, iters: int = 600, densify: bool = False,
-               max_gaussians: int | None = None, config: FitConfig | None = None,
-               on_progress: Callable[[dict], None] | None = None) -> VolumeFit:
-    """Fit Gaussians to ``volume [D, H, W]`` by MSE over every voxel.
+               max_gaussians: int | None = None, on_progress: Callable[[dict], None] | None = None) -> VolumeFit:
+    """Fit Gaussians from the anchor grid to ``volume [D, H, W]`` by MSE over every voxel.
 
     ``densify=False`` keeps exactly ``num_gaussians`` (the fixed-k bound); ``densify=True`` clones and splits
-    by position gradient up to ``max_gaussians`` (default 4 k). ``config`` overrides any loop setting."""
-    shape = tuple(int(n) for n in volume.shape)
+    by position gradient up to ``max_gaussians`` (default 4 k) until 70% of the iterations."""
     start = grid_gaussians(volume, num_gaussians)
     peak = float(start.intensities.max().clamp_min(1e-6)) * MAX_INTENSITY_FACTOR
-    params = GaussianParams.from_gaussians(start, max_intensity=peak)
-    if config is None:
-        config = FitConfig(iters=iters, eval_every=max(1, iters // 20), prune_intensity=0.0, prune_scale_voxels=0.0)
-        if densify:
-            config.max_gaussians = max_gaussians or 4 * num_gaussians
-            config.densify_from, config.densify_until = 100, int(0.7 * iters)
-        else:
-            config.densify_from = iters + 1  # never
-    fit = ReconstructionFit(params, volume.float()[None], VolumeRenderer(shape), shape, config,
-                            reference=volume.float(), data_range=1.0)
-    result = fit.run(on_progress=on_progress)
-    return VolumeFit(result.gaussians(), result, fit.final_metrics())
+    growth = dict(max_gaussians=max_gaussians or 4 * num_gaussians, densify_from=100,
+                  densify_until=int(0.7 * iters)) if densify else {}
+    fit = run_volume_fit(volume, start, iters, max_intensity=peak, densify=densify, reference=True,
+                         on_progress=on_progress, eval_every=max(1, iters // 20), prune_intensity=0.0,
+                         prune_scale_voxels=0.0, **growth)
+    return VolumeFit(fit.result.gaussians(), fit.result, fit.final_metrics())

@@ -67,6 +67,7 @@ import numpy as np
 import torch
 
 from ..gaussians import GaussianSet
+from ..volume_fit import VolumeRenderer, run_volume_fit
 
 log = logging.getLogger(__name__)
 
@@ -348,40 +349,19 @@ def residual_target(converted: GaussianSet, fbp_volume: torch.Tensor, mu_lo: flo
     return torch.where(inside, torch.full_like(fbp, float(mu_lo)), fbp - rendered).clamp_min(0.0)
 
 
-class VolumeRenderer:
-    """A ``Projector`` for image-domain fits: ``render_volume`` of the whole grid (``views`` is ignored)."""
-
-    def __init__(self, shape: Sequence[int]) -> None:
-        self.shape = tuple(int(n) for n in shape)
-
-    def __call__(self, gaussians: GaussianSet, views=None) -> torch.Tensor:
-        from ..render import render_volume
-
-        return render_volume(gaussians, self.shape)
-
-
 def fit_to_volume(target: torch.Tensor, gaussians: GaussianSet, iters: int, *, densify: bool = False,
                   seed: int = 0, max_intensity: float | None = None, **config) -> GaussianSet:
     """Fit ``gaussians`` to a volume ``target [D, H, W]`` in the image domain (the 3DGR-CT loop with the renderer in
     place of the projector: Adam, 3DGR-CT learning rates, optional densify/prune), after one least-squares
     intensity gain. Returns the fitted set."""
-    from .fit import FitConfig, GaussianParams, ReconstructionFit
-
     target = torch.as_tensor(target).detach().float()
-    if int(iters) < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    renderer = VolumeRenderer(target.shape)
-    gaussians, _ = calibrate_intensities(gaussians.detach().to(torch.float32), renderer, target)  # mass first
+    gaussians, _ = calibrate_intensities(gaussians.detach().to(torch.float32), VolumeRenderer(target.shape),
+                                         target)  # mass first
     if max_intensity is None:
         top = float(torch.quantile(target.flatten()[:: max(1, target.numel() // 1_000_000)], 0.999))
         max_intensity = max(2.0 * top, 1.01 * float(gaussians.intensities.max()), 1e-12)
-    defaults = {"eval_every": max(1, int(iters)), "seed": seed}
-    if not densify:
-        defaults.update(densify_from=int(iters) + 1, densify_every=max(1, int(iters)))
-    cfg = FitConfig(iters=int(iters), **{**defaults, **config})
-    params = GaussianParams.from_gaussians(gaussians.detach().to(torch.float32), max_intensity)
-    fit = ReconstructionFit(params, target[None], renderer, tuple(target.shape), cfg)
-    return fit.run().gaussians()
+    return run_volume_fit(target, gaussians, iters, max_intensity=max_intensity, densify=densify, seed=seed,
+                          **config).result.gaussians()
 
 
 def convert_prediction(pred_windowed: GaussianSet, fbp_volume: torch.Tensor, mu_lo: float, mu_hi: float,
@@ -547,7 +527,7 @@ def initialise_calibrated(method: str, *, fbp_volume: torch.Tensor, extent_mm: S
 
 
 __all__ = ["INIT_METHODS", "init_random", "init_fbp", "init_3dgr", "init_medgmae", "predict_medgmae",
-           "slope_converted", "residual_target", "convert_prediction", "fit_to_volume", "VolumeRenderer",
+           "slope_converted", "residual_target", "convert_prediction", "fit_to_volume",
            "joint_gains", "fbp_to_window", "calibrate_intensities", "initialise", "initialise_calibrated",
            "default_count", "knn_scales", "gradient_magnitude", "resample_corner_aligned", "model_grid_shape",
            "THREEDGR_DEFAULTS"]
