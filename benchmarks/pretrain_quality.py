@@ -61,31 +61,21 @@ def check_held_out(ct_paths: list[Path], checkpoints: dict[str, str]) -> dict:
     return out
 
 
-def masked_fit_bound(windows, k: int, iters: int, seed: int) -> dict:
+def masked_fit_bound(windows, model, iters: int, seed: int) -> dict:
     from medgmae_core.render import render_volume
     from medgmae_core.volume_fit import fit_volume
 
     values, consts, sigmas = [], [], []
     for i, w in enumerate(windows):
-        fit = fit_volume(w.volume, k, iters=iters)
+        fit = fit_volume(w.volume, model.config.num_gaussians, iters=iters)
         pred = render_volume(fit.gaussians, tuple(w.volume.shape))[0]
-        mask = fixed_mask(i + seed)
+        mask = ev.window_mask(model, i + seed)  # the mask the model was scored on
         t = w.volume
         values.append(ev.psnr(float(((pred - t)[mask] ** 2).mean())))
         consts.append(ev.psnr(float(((t[~mask].mean() - t)[mask] ** 2).mean())))
         sigmas.append(ev.largest_sigma_voxels(fit.gaussians, t.shape))
     return dict(psnr=float(np.mean(values)), psnr_constant=float(np.mean(consts)),
-                median_largest_sigma_vox=float(torch.cat(sigmas).median()), iters=iters, num_gaussians=k)
-
-
-def fixed_mask(seed: int, grid=8, patch=12, ratio=0.75) -> torch.Tensor:
-    """The voxel mask ``evaluate_masked`` uses for window seed ``seed`` (same noise, same ratio)."""
-    noise = torch.rand(grid ** 3, generator=torch.Generator().manual_seed(seed))
-    keep = int(grid ** 3 - round(grid ** 3 * ratio))
-    hidden = torch.ones(grid ** 3, dtype=torch.bool)
-    hidden[torch.argsort(noise)[:keep]] = False
-    m = hidden.reshape(grid, grid, grid)
-    return m.repeat_interleave(patch, 0).repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+                median_largest_sigma_vox=float(torch.cat(sigmas).median()), iters=iters, num_gaussians=model.config.num_gaussians)
 
 
 def write_png(path: Path, windows, gaussian_model, voxel_model, seed: int) -> None:
@@ -101,7 +91,7 @@ def write_png(path: Path, windows, gaussian_model, voxel_model, seed: int) -> No
     fig, axes = plt.subplots(len(windows), cols, figsize=(3 * cols, 3 * len(windows)), squeeze=False)
     for row, (i, w) in enumerate(windows):
         x = w.volume[None, None].float()
-        noise = torch.rand(gaussian_model.num_patches, generator=torch.Generator().manual_seed(seed + i))[None]
+        noise = ev.window_noise(gaussian_model.num_patches, seed + i)[None]
         with torch.no_grad():
             gaussian_model.eval()
             latent, mask, ids = gaussian_model.forward_encoder(x, None, None, noise)
@@ -175,8 +165,7 @@ def main() -> int:
         result["models"][label] = entry
         print(label, {n: {k: round(entry[n][k], 3) for k in ("psnr", "psnr_constant", "gain_db") } for n in sets}, flush=True)
     if args.fit_iters > 0:
-        k = models["gaussian"].config.num_gaussians
-        result["direct_fit"] = {name: masked_fit_bound(w[:args.fit_windows], k, args.fit_iters, args.seed)
+        result["direct_fit"] = {name: masked_fit_bound(w[:args.fit_windows], models["gaussian"], args.fit_iters, args.seed)
                                 for name, w in sets.items()}
         print("direct fit", result["direct_fit"], flush=True)
     g = result["models"]["gaussian"]

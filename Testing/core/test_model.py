@@ -461,3 +461,13 @@ def test_bf16_autocast_keeps_heads_and_renderer_in_fp32(objective):
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.decoder.heads.head_centre.weight.grad.abs().sum() > 0
+
+
+def test_evaluation_window_mask_is_the_mask_the_model_is_scored_on():
+    from medgmae_core.train import evaluation as ev
+
+    model = small_model()
+    noise = ev.window_noise(model.num_patches, 7)[None]
+    _, mask, _ = model.forward_encoder(volume(1), None, None, noise)
+    expected = model.mask_volume(mask)[0, 0].bool()
+    assert torch.equal(ev.window_mask(model, 7), expected) and 0 < expected.float().mean() < 1

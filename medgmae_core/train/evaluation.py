@@ -80,6 +80,21 @@ def phantom_windows(count: int = 4, seed: int = HELDOUT_PHANTOM_SEED, shape=(128
     return out
 
 
+def window_noise(num_patches: int, seed: int) -> torch.Tensor:
+    """``[L]`` masking noise of held-out window ``seed`` (``random_masking`` keeps the lowest values)."""
+    return torch.rand(num_patches, generator=torch.Generator().manual_seed(seed))
+
+
+def window_mask(model, seed: int, mask_ratio: float | None = None) -> torch.Tensor:
+    """The voxel mask ``[D, H, W]`` (True = hidden) that :func:`evaluate_masked` gives window ``seed``."""
+    noise = window_noise(model.num_patches, seed)[None]
+    ratio = model.resolve_mask_ratio(mask_ratio)
+    keep = model.num_patches - int(round(model.num_patches * ratio))
+    hidden = torch.ones(1, model.num_patches)
+    hidden[0, torch.argsort(noise[0])[:keep]] = 0
+    return model.mask_volume(hidden)[0, 0].bool()
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return float(2 * (a & b).sum() / total) if total else float("nan")
@@ -109,8 +124,7 @@ def evaluate_masked(model, windows: Sequence[EvalWindow], *, mask_ratio: float |
         for start in range(0, len(windows), batch_size):
             chunk = windows[start:start + batch_size]
             x = torch.stack([w.volume for w in chunk])[:, None].float()  # [b, 1, D, H, W]
-            noise = torch.stack([torch.rand(model.num_patches, generator=torch.Generator().manual_seed(seed + start + j))
-                                 for j in range(len(chunk))])  # [b, L]
+            noise = torch.stack([window_noise(model.num_patches, seed + start + j) for j in range(len(chunk))])  # [b, L]
             ratio = model.resolve_mask_ratio(mask_ratio)
             latent, mask, ids_restore = model.forward_encoder(x, ratio, None, noise)
             if model.config.is_gaussian:
