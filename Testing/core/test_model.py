@@ -471,3 +471,17 @@ def test_evaluation_window_mask_is_the_mask_the_model_is_scored_on():
     _, mask, _ = model.forward_encoder(volume(1), None, None, noise)
     expected = model.mask_volume(mask)[0, 0].bool()
     assert torch.equal(ev.window_mask(model, 7), expected) and 0 < expected.float().mean() < 1
+
+
+def test_local_context_weights_nearby_tokens_and_batches_per_sample_queries():
+    from medgmae_core.model.vit import local_context
+
+    keys = torch.tensor([[[0.0, 0, 0], [5.0, 0, 0]]])  # [1, 2, 3]
+    tokens = torch.tensor([[[1.0], [3.0]]])
+    near_first = local_context(torch.tensor([[0.0, 0, 0]]), keys, tokens, radius=1.0)
+    assert torch.allclose(near_first, torch.tensor([[[1.0]]]), atol=1e-4)  # the far token has ~e^-12.5 weight
+    middle = local_context(torch.tensor([[2.5, 0, 0]]), keys, tokens, radius=1.0)
+    assert torch.allclose(middle, torch.tensor([[[2.0]]]))
+    q, k, t = torch.rand(2, 5, 3), torch.rand(2, 7, 3), torch.rand(2, 7, 4)
+    per_sample = torch.stack([local_context(q[i], k[i:i + 1], t[i:i + 1], 1.0)[0] for i in range(2)])
+    assert torch.allclose(local_context(q, k, t, 1.0), per_sample)

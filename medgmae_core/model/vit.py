@@ -60,10 +60,11 @@ def patch_coordinates(grid_size: tuple[int, int, int]) -> torch.Tensor:
 
 
 def local_context(query_pos: torch.Tensor, key_pos: torch.Tensor, tokens: torch.Tensor, radius: float) -> torch.Tensor:
-    """Gaussian-weighted mean of ``tokens [B, K, D]`` at ``key_pos [B, K, 3]`` around each ``query_pos [Q, 3]``
-    (patch-index units), weights ``softmax(-|q - k|^2 / (2 radius^2))`` -> ``[B, Q, D]``. A fixed, local
-    cross-attention: a query starts from what the visible patches near it show."""
-    d2 = ((query_pos[None, :, None, :] - key_pos[:, None, :, :]) ** 2).sum(-1)  # [B, Q, K]
+    """Gaussian-weighted mean of ``tokens [B, K, D]`` at ``key_pos [B, K, 3]`` around each query at
+    ``query_pos [Q, 3]`` or ``[B, Q, 3]`` (patch-index units), weights ``softmax(-|q - k|^2 / (2 radius^2))`` ->
+    ``[B, Q, D]``. A fixed, local cross-attention: a query starts from what the visible patches near it show."""
+    query_pos = query_pos if query_pos.dim() == 3 else query_pos[None]  # [B or 1, Q, 3]
+    d2 = ((query_pos[:, :, None, :] - key_pos[:, None, :, :]) ** 2).sum(-1)  # [B, Q, K]
     weights = torch.softmax(-d2 / (2.0 * radius ** 2), dim=-1)
     return weights.to(tokens.dtype) @ tokens  # [B, Q, D]
 

@@ -40,8 +40,7 @@ class VoxelDecoder(nn.Module):
             order = torch.argsort(ids_restore, dim=1)  # [B, L]: kept patches first, then the masked ones
             visible_coords = self.patch_coords[order[:, :length - n_mask]]  # [B, L_keep, 3]
             masked_coords = self.patch_coords[order[:, length - n_mask:]]  # [B, L_mask, 3]
-            context = torch.stack([local_context(masked_coords[b], visible_coords[b:b + 1], x[b:b + 1, 1:],
-                                                 self.context_radius)[0] for b in range(batch)])
+            context = local_context(masked_coords, visible_coords, x[:, 1:], self.context_radius)  # [B, L_mask, dim]
             fill = fill + self.context_proj(context)
         x_ = torch.cat([x[:, 1:], fill], dim=1)  # [B, L, dim] shuffled
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # [B, L, dim] patch order
