@@ -43,7 +43,7 @@ from medgmae_core.recon.cli import analytic_reconstruction, bundled_weights, def
 from medgmae_core.recon.fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit  # noqa: E402
 from medgmae_core.recon.initialisation import (fbp_to_window, fit_to_volume, init_fbp,  # noqa: E402
                                                initialise_calibrated)
-from medgmae_core.recon.io import MU_WATER, hu_to_mu, load_ct_volume, simulate_scan  # noqa: E402
+from medgmae_core.recon.simulation import MU_WATER, hu_to_mu, load_ct_volume, simulate_scan  # noqa: E402
 from medgmae_core.recon.metrics import first_reaching, progress_against_baseline, psnr, ssim  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

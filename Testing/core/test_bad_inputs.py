@@ -267,7 +267,8 @@ def small_ct(work) -> Path:
 
 @pytest.fixture(scope="module")
 def projections(work, small_ct) -> Path:
-    from medgmae_core.recon.io import save_projections, simulate_from_ct
+    from medgmae_core.recon.projection_file import save_projections
+    from medgmae_core.recon.simulation import simulate_from_ct
 
     return save_projections(work / "models" / "scan.npz", simulate_from_ct(small_ct, downsample=2, views=6))
 
@@ -589,7 +590,7 @@ def test_trailing_singleton_axis_is_3d_everywhere(tmp_path):
     """``[X, Y, Z, 1]`` is a 3D volume for every reader (demo, segment, reconstruct, pretrain's header check)."""
     from medgmae_core.data.datasets import header_problem
     from medgmae_core.data.readers import read_ct
-    from medgmae_core.recon.io import load_ct_volume
+    from medgmae_core.recon.simulation import load_ct_volume
 
     hu = phantom_hu()
     path = write_nifti(tmp_path / "x1.nii.gz", hu[..., None])

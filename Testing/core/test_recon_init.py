@@ -9,7 +9,7 @@ import torch
 from medgmae_core.gaussians import GaussianSet
 from medgmae_core.recon.initialisation import (calibrate_intensities, fbp_to_window, gradient_magnitude,
                                                init_fbp, init_medgmae, init_random, initialise, model_grid_shape)
-from medgmae_core.recon.io import MU_WATER, hu_to_mu, load_ct_volume
+from medgmae_core.recon.simulation import MU_WATER, hu_to_mu, load_ct_volume
 
 
 class PeakFinder:
@@ -115,7 +115,7 @@ def test_calibration_gain_is_least_squares():
 # ----------------------------------------------------------- zero-shot conversion
 def _phantom_scan(n=32, seed=7):
     from medgmae_core.data.phantom import make_phantom
-    from medgmae_core.recon.io import simulate_scan
+    from medgmae_core.recon.simulation import simulate_scan
 
     ph = make_phantom((n, n, n), 96.0 / n, seed=seed, noise_hu=0.0)
     mu = torch.from_numpy(hu_to_mu(ph.hu)).float()

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from medgmae_core.recon.io import (MU_WATER, ProjectionData, add_poisson_noise, estimate_rotation_centre,
-                                   load_ct_volume, load_data_exchange, load_projections, normalise_counts,
-                                   save_projections, simulate_scan)
+from medgmae_core.recon.data_exchange import estimate_rotation_centre, load_data_exchange, normalise_counts
+from medgmae_core.recon.projection_data import ProjectionData
+from medgmae_core.recon.projection_file import load_projections, save_projections
+from medgmae_core.recon.simulation import MU_WATER, add_poisson_noise, load_ct_volume, simulate_scan
 from medgmae_core.xray.geometry import ConeBeam, GeometryError, ParallelBeam
 
 

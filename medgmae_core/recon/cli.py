@@ -2,7 +2,7 @@
 
 Input is either a CT volume (``.nii``/``.nii.gz``/``.nrrd``/``.mha``, HU), from
 which a scan is simulated (``--geometry``, ``--views``, ``--noise``), or
-projection data (``.npz``/``.h5``, see ``medgmae_core.recon.io``; APS
+projection data (``.npz``/``.h5``, see ``medgmae_core.recon.projection_file``; APS
 data-exchange HDF5 such as the tomopy tooth is recognised). The pipeline:
 FBP/FDK -> initial Gaussians (``--init``) -> intensity calibration -> 3DGR-CT fit.
 
@@ -29,7 +29,10 @@ import torch
 
 from .fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
 from .initialisation import INIT_METHODS, DEFAULT_RESIDUAL_FIT_ITERS, initialise_calibrated
-from .io import ProjectionData, is_data_exchange, load_projections, mu_to_hu, save_projections, simulate_from_ct
+from .data_exchange import is_data_exchange
+from .projection_data import ProjectionData
+from .projection_file import load_projections, save_projections
+from .simulation import mu_to_hu, simulate_from_ct
 from .metrics import progress_against_baseline, psnr, ssim
 from ..train.checkpoint import WEIGHTS_DIR, bundled_weights
 
