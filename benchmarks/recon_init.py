@@ -39,12 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
-from medgmae_core.recon.cli import analytic_reconstruction, bundled_weights, default_max_intensity  # noqa: E402
 from medgmae_core.recon.fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit  # noqa: E402
-from medgmae_core.recon.initialisation import (fbp_to_window, fit_to_volume, init_fbp,  # noqa: E402
-                                               initialise_calibrated)
+from medgmae_core.recon.initialisation import (analytic_reconstruction, default_max_intensity,  # noqa: E402
+                                               fbp_to_window, fit_to_volume, init_fbp, initialise_calibrated)
 from medgmae_core.recon.simulation import MU_WATER, hu_to_mu, load_ct_volume, simulate_scan  # noqa: E402
 from medgmae_core.recon.metrics import first_reaching, progress_against_baseline, psnr, ssim  # noqa: E402
+from medgmae_core.train.checkpoint import bundled_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data" / "ct" / "totalsegmentator"

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("medgmae_core.commands.finetune", "fine-tune UNETR for segmentation from a pre-trained encoder"),
     "segment": ("medgmae_core.commands.segment", "segment a CT with a fine-tuned checkpoint"),
     "evaluate": ("medgmae_core.commands.evaluate", "Dice and HD95 of label maps against references"),
-    "reconstruct": ("medgmae_core.recon.cli", "3DGR-CT Gaussian reconstruction from projections"),
+    "reconstruct": ("medgmae_core.commands.reconstruct", "3DGR-CT Gaussian reconstruction from projections"),
     "render": ("medgmae_core.commands.render", "render a Gaussian PLY to a NIfTI volume (and a PNG overview)"),
     "fit": ("medgmae_core.commands.fit", "fit Gaussians straight to a CT (or one window) with the renderer"),
     "view": ("medgmae_core.commands.view", "browser viewer: slices, 3D glyphs, predict, thresholds, export"),

@@ -14,10 +14,11 @@ import torch
 
 from medgmae_core.cli import main as cli_main
 from medgmae_core.export.ply import read_gaussians_ply
-from medgmae_core.recon.cli import analytic_reconstruction, bundled_weights
 from medgmae_core.recon.data_exchange import load_data_exchange
+from medgmae_core.recon.initialisation import analytic_reconstruction
 from medgmae_core.recon.projection_file import save_projections
 from medgmae_core.recon.simulation import load_ct_volume, simulate_from_ct
+from medgmae_core.train.checkpoint import bundled_weights
 
 CROP = "0:120,0:100,8:24"
 

@@ -1,5 +1,8 @@
 """Initial Gaussians for 3DGR-CT: ``random``, ``3dgr``, ``fbp``, ``medgmae`` / ``medgmae*`` (and the oracle).
 
+They start from the analytic reconstruction of the projections (:func:`analytic_reconstruction`: FBP for
+parallel beam, FDK for cone beam); :func:`default_max_intensity` is the fit's intensity bound taken from it.
+
 Every initialiser returns one GaussianSet ``[1, k, ...]`` in the reconstruction
 volume's normalised coordinates, with intensities in the reconstruction's units
 (attenuation, rendered with the paper convention, c = 1). Their overall
@@ -68,6 +71,8 @@ import torch
 
 from ..gaussians import GaussianSet
 from ..volume_fit import VolumeRenderer, run_volume_fit
+from ..xray.fbp import FILTERS, reconstruct_analytic
+from .projection_data import ProjectionData
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,25 @@ def _check_count(num_gaussians: int) -> int:
     if int(num_gaussians) < 1:
         raise ValueError(f"num_gaussians must be >= 1, got {num_gaussians}")
     return int(num_gaussians)
+
+
+# ------------------------------------------------------- the analytic start
+def analytic_reconstruction(data: ProjectionData, filter_name: str = "ram-lak") -> torch.Tensor:
+    """FBP (parallel) or FDK (cone) of the measured projections -> ``[D, H, W]``: what every initialiser starts
+    from."""
+    if filter_name not in FILTERS:
+        raise ValueError(f"--filter must be one of {FILTERS}, got {filter_name!r}")
+    return reconstruct_analytic(data.projections[None], data.geometry, data.volume_shape, filter=filter_name)[0]
+
+
+def default_max_intensity(fbp_volume: torch.Tensor) -> float:
+    """The intensity bound of the parameterisation: 2 x the FBP's 99.9th percentile (a Gaussian never needs
+    more than the brightest voxel; overlapping ones need less)."""
+    sample = fbp_volume.flatten()[:: max(1, fbp_volume.numel() // 1_000_000)].float()
+    top = float(torch.quantile(sample, 0.999))
+    if not top > 0:
+        raise ValueError("the FBP has no positive values; are the projections line integrals (-log of transmission)?")
+    return 2.0 * top
 
 
 # -------------------------------------------------------------- initialisers
@@ -526,7 +550,7 @@ def initialise_calibrated(method: str, *, fbp_volume: torch.Tensor, extent_mm: S
     return g, info
 
 
-__all__ = ["INIT_METHODS", "init_random", "init_fbp", "init_3dgr", "init_medgmae", "predict_medgmae",
+__all__ = ["INIT_METHODS", "analytic_reconstruction", "default_max_intensity", "init_random", "init_fbp", "init_3dgr", "init_medgmae", "predict_medgmae",
            "slope_converted", "residual_target", "convert_prediction", "fit_to_volume",
            "joint_gains", "fbp_to_window", "calibrate_intensities", "initialise", "initialise_calibrated",
            "default_count", "knn_scales", "gradient_magnitude", "resample_corner_aligned", "model_grid_shape",

@@ -3,7 +3,7 @@
 Input is either a CT volume (``.nii``/``.nii.gz``/``.nrrd``/``.mha``, HU), from
 which a scan is simulated (``--geometry``, ``--views``, ``--noise``), or
 projection data (``.npz``/``.h5``, see ``medgmae_core.recon.projection_file``; APS
-data-exchange HDF5 such as the tomopy tooth is recognised). The pipeline:
+data-exchange HDF5 such as the tomopy tooth is recognised, ``recon.data_exchange``). The pipeline:
 FBP/FDK -> initial Gaussians (``--init``) -> intensity calibration -> 3DGR-CT fit.
 
 Outputs in ``--out``: ``reconstruction.nii.gz`` (attenuation, 1/mm, on the
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,43 +26,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
-from .initialisation import INIT_METHODS, DEFAULT_RESIDUAL_FIT_ITERS, initialise_calibrated
-from .data_exchange import is_data_exchange
-from .projection_data import ProjectionData
-from .projection_file import load_projections, save_projections
-from .simulation import mu_to_hu, simulate_from_ct
-from .metrics import progress_against_baseline, psnr, ssim
-from ..train.checkpoint import WEIGHTS_DIR, bundled_weights
-
-log = logging.getLogger(__name__)
+from ..data.readers import VOLUME_SUFFIXES
+from ..errors import describe, make_output_dir
+from ..export.figures import save_figure
+from ..export.nifti import write_volume
+from ..export.ply import write_gaussians_ply
+from ..progress import ProgressReporter
+from ..progress import _jsonable as json_plain  # the one JSON-plain helper (progress events use it too)
+from ..recon.data_exchange import is_data_exchange
+from ..recon.fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
+from ..recon.initialisation import (DEFAULT_RESIDUAL_FIT_ITERS, INIT_METHODS, analytic_reconstruction,
+                                    default_max_intensity, initialise_calibrated)
+from ..recon.metrics import progress_against_baseline, psnr, ssim
+from ..recon.projection_data import H5_SUFFIXES, NPZ_SUFFIXES, ProjectionData
+from ..recon.projection_file import load_projections, save_projections
+from ..recon.simulation import mu_to_hu, simulate_from_ct
+from ..train.checkpoint import WEIGHTS_DIR, atomic_torch_save, bundled_weights
+from ..xray.fbp import FILTERS
 
 CHECKPOINT_NAME = "recon_checkpoint.pt"
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-PROJECTION_SUFFIXES = (".npz", ".h5", ".hdf5", ".hdf")
-FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")
+PROJECTION_SUFFIXES = NPZ_SUFFIXES + H5_SUFFIXES
 
 
 # ------------------------------------------------------------------ pieces
-def analytic_reconstruction(data: ProjectionData, filter_name: str = "ram-lak") -> torch.Tensor:
-    """FBP (parallel) or FDK (cone) of the measured projections -> ``[D, H, W]``."""
-    from ..xray.fbp import reconstruct_analytic
-
-    if filter_name not in FILTERS:
-        raise ValueError(f"--filter must be one of {FILTERS}, got {filter_name!r}")
-    return reconstruct_analytic(data.projections[None], data.geometry, data.volume_shape, filter=filter_name)[0]
-
-
-def default_max_intensity(fbp_volume: torch.Tensor) -> float:
-    """The intensity bound of the parameterisation: 2 x the FBP's 99.9th percentile (a Gaussian never needs
-    more than the brightest voxel; overlapping ones need less)."""
-    sample = fbp_volume.flatten()[:: max(1, fbp_volume.numel() // 1_000_000)].float()
-    top = float(torch.quantile(sample, 0.999))
-    if not top > 0:
-        raise ValueError("the FBP has no positive values; are the projections line integrals (-log of transmission)?")
-    return 2.0 * top
-
-
 def is_volume_path(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_SUFFIXES) or path.is_dir()
 
@@ -107,14 +92,12 @@ def resolve_checkpoint(args) -> Path | None:
 
 # ---------------------------------------------------------------- outputs
 def save_volume(path: Path, volume: torch.Tensor, affine: np.ndarray) -> Path:
-    from ..export.nifti import write_volume
-
     return write_volume(path, volume.detach().cpu().float(), affine, kind="prediction")
 
 
-def save_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tensor], title: str) -> Path:
+def save_progress_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tensor], title: str) -> Path:
     """PSNR (or loss) against iteration, and the middle slice along the rotation axis of each volume."""
-    from matplotlib.figure import Figure  # no pyplot: never touches the global backend
+    from matplotlib.figure import Figure  # lazy: matplotlib is heavy; no pyplot: never touches the global backend
 
     n = len(slices)
     fig = Figure(figsize=(3.2 * (n + 1), 3.4))
@@ -137,17 +120,14 @@ def save_figure(path: Path, *, history: list[dict], slices: dict[str, torch.Tens
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def save_comparison(path: Path, *, analytic: torch.Tensor, gaussians: torch.Tensor, reference: torch.Tensor | None,
                     analytic_name: str = "FDK", iterations: int = 0, data_range: float | None = None) -> Path:
     """Side by side, on one grey scale: the analytic reconstruction, the Gaussian one and (when known) the ground
     truth, each with its PSNR in the title. Two rows: the middle slice across the rotation axis and along it."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib is heavy, loaded when a figure is drawn
 
     vols = {analytic_name: analytic.detach().float().cpu(),
             f"Gaussians ({iterations} it)": gaussians.detach().float().cpu()}
@@ -169,10 +149,7 @@ def save_comparison(path: Path, *, analytic: torch.Tensor, gaussians: torch.Tens
             if row == 0:
                 ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def mid_slice(volume: torch.Tensor) -> torch.Tensor:
@@ -267,8 +244,6 @@ def prepare(args, data: ProjectionData, device: torch.device, resume_state: dict
 
 
 def run(args) -> dict:
-    from ..errors import make_output_dir
-
     out = make_output_dir(Path(args.out))  # removed again if the run fails while it is still empty
     device = torch.device(args.device)
     cfg = FitConfig(iters=args.iters, lr_horizon=args.lr_horizon, views_per_iter=args.views_per_iter,
@@ -289,9 +264,6 @@ def run(args) -> dict:
     data = load_input(args)
     if args.save_projections:
         save_projections(args.save_projections, data)
-    from ..progress import ProgressReporter
-    from ..train.checkpoint import atomic_torch_save
-
     reporter = ProgressReporter("reconstruct", cfg.iters, json_lines=args.progress_json)
     try:
         prep = prepare(args, data, device, resume_state)
@@ -326,16 +298,12 @@ def run(args) -> dict:
                       **{k: metrics[k] for k in ("psnr", "ssim") if k in metrics})
         return metrics
     except Exception as exc:
-        from ..errors import describe
-
         reporter.error(describe(exc))  # the same one line cli.main prints (it then exits 2 for user errors)
         raise
 
 
 def write_outputs(out: Path, args, data: ProjectionData, prep: Prepared, fit: ReconstructionFit,
                   final: torch.Tensor, initial: torch.Tensor | None) -> dict:
-    from ..export.ply import write_gaussians_ply
-
     affine = data.grid_affine()
     save_volume(out / "reconstruction.nii.gz", final, affine)
     save_volume(out / "fbp.nii.gz", prep.fbp, affine)
@@ -366,26 +334,14 @@ def write_outputs(out: Path, args, data: ProjectionData, prep: Prepared, fit: Re
         slices[f"init ({args.init})"] = mid_slice(initial)
     slices[f"Gaussians ({fit.result.iterations} it)"] = mid_slice(final)
     title = f"{Path(str(args.input)).name}: {data.geometry.kind}, {data.geometry.n_views} views"
-    save_figure(out / "reconstruction.png", history=fit.result.history, slices=slices, title=title)
+    save_progress_figure(out / "reconstruction.png", history=fit.result.history, slices=slices, title=title)
     save_comparison(out / "comparison.png", analytic=prep.fbp, gaussians=final, reference=data.reference,
                     analytic_name="FBP" if data.geometry.kind == "parallel" else "FDK",
                     iterations=fit.result.iterations, data_range=metrics.get("data_range"))
     tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(_plain(metrics), indent=2))
+    tmp.write_text(json.dumps(json_plain(metrics), indent=2))
     tmp.replace(out / "metrics.json")
     return metrics
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
-    return value
 
 
 def main(args) -> int:
