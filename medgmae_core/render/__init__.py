@@ -13,45 +13,27 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 
+from .. import backends
+from ..backends import BACKENDS
 from ..gaussians import GaussianSet
-from ..numba_support import numba_available, numba_unavailable_reason
 from .conventions import CONVENTIONS, check_cutoff, check_gaussians, check_shape, get_convention
+from .cpu_kernel import render_numba
 from .geometry import clip_boxes, render_inputs
 from .reference import render_reference
+from .tiles import render_tiles
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "numba")
 BACKEND_ENV = "MEDGMAE_RENDER_BACKEND"
 
 
-def _check_backend_name(backend: str, source: str = "backend") -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
 def resolve_backend(gaussians: GaussianSet, backend: str = "auto") -> str:
-    """The concrete backend ``render_volume`` will use for these Gaussians: "numba", "torch" or "reference"."""
-    _check_backend_name(backend)
-    if backend == "auto":
-        env = os.environ.get(BACKEND_ENV, "").strip()
-        if env:
-            backend = _check_backend_name(env, f"environment variable {BACKEND_ENV}")
-    on_cpu = gaussians.device.type == "cpu"
-    if backend == "numba":
-        if not numba_available():
-            raise RuntimeError(f"backend='numba' needs numba, which is unavailable: {numba_unavailable_reason()}")
-        if not on_cpu:
-            raise ValueError(f"backend='numba' runs on CPU tensors only; these Gaussians are on {gaussians.device}")
-        return "numba"
-    if backend != "auto":
-        return backend
-    return "numba" if on_cpu and numba_available() else "torch"
+    """The concrete backend ``render_volume`` will use for these Gaussians: "numba", "torch" or "reference"
+    (``backends.resolve_backend``, with ``MEDGMAE_RENDER_BACKEND`` overriding "auto")."""
+    return backends.resolve_backend(gaussians, backend, env_var=BACKEND_ENV, unavailable_error=RuntimeError)
 
 
 def render_volume(gaussians: GaussianSet, shape, *, cutoff: float | None = 3.0,
@@ -74,9 +56,7 @@ def render_volume(gaussians: GaussianSet, shape, *, cutoff: float | None = 3.0,
     centres, precisions, amps = render_inputs(gaussians, conv)
     clip = clip_boxes(gaussians, shape, conv)
     if name == "numba":
-        from .cpu_kernel import render_numba
         return render_numba(centres, precisions, amps, clip, shape, radius)
-    from .tiles import render_tiles
     return render_tiles(centres, precisions, amps, clip, shape, radius, clip_is_volume=not conv.release_box)
 
 

@@ -36,13 +36,14 @@ import math
 import numpy as np
 import torch
 
+from .. import backends
+from ..backends import BACKENDS
 from ..gaussians import GaussianSet, GaussianValidationError
-from ..numba_support import fast_exp, get_num_threads, njit, numba_available, numba_unavailable_reason, prange
+from ..numba_support import fast_exp, get_num_threads, njit, prange
 from .geometry import ConeBeam, check_geometry
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "numba", "torch", "reference")
 SPLAT_PARAMS = 6  # col, row, p_cc, p_cr, p_rr, amplitude
 DEFAULT_CHUNK_MB = 256.0
 _BYTES_PER_PAIR = 4 * 64  # rough autograd footprint of stage 1 per (Gaussian, view) in float32
@@ -664,14 +665,9 @@ VJPS = {"reference": _autograd_vjp(splat_reference, _dense_cost), "torch": splat
 
 # ----------------------------------------------------------------- driver
 def resolve_backend(gaussians: GaussianSet, backend: str = "auto") -> str:
-    """The concrete backend ``project_gaussians`` will use: numba on CPU when available, else torch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "numba" and not numba_available():
-        raise ValueError(f"backend='numba' requested but numba is unusable: {numba_unavailable_reason()}")
-    if backend != "auto":
-        return backend
-    return "numba" if gaussians.device.type == "cpu" and numba_available() else "torch"
+    """The concrete backend ``project_gaussians`` will use: numba on CPU when available, else torch
+    (``backends.resolve_backend``; no environment override, an unusable numba is a ``ValueError``)."""
+    return backends.resolve_backend(gaussians, backend, unavailable_error=ValueError)
 
 
 def view_chunk_size(batch: int, k: int, n_views: int, max_chunk_mb: float = DEFAULT_CHUNK_MB) -> int:
