@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from . import errors, progress
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("medgmae_core.commands.demo", "mask a CT (or the built-in phantom), predict Gaussians, write NIfTI/PLY/.mrb/PNG"),
@@ -86,29 +88,23 @@ def _output_folders(args: argparse.Namespace) -> list[Path]:
 
 
 def _json_requested(args: argparse.Namespace) -> bool:
-    from . import progress
-
     return bool(getattr(args, getattr(args, "_json_dest", "progress_json"), False)) or progress.json_lines_used()
 
 
 def _emit_error(args: argparse.Namespace, message: str, mark: int) -> None:
     """The JSON ``error`` event, unless the command already emitted one."""
-    from . import progress
-
     if _json_requested(args) and progress.error_events_emitted() == mark:
         progress.ProgressReporter(args.command, 0, json_lines=True).error(message)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run one parsed command; the one place user errors are reported (module docstring of ``errors``)."""
-    from . import errors, progress
-
     errors.begin_command(args.command)
     mark = progress.error_events_emitted()
     progress.reset_json_lines_used()
     resample_dicom = bool(getattr(args, "resample_dicom", False))
-    if resample_dicom:  # the one DICOM reader's default for this command (imported only when needed: it loads MONAI)
-        from .data import readers
+    if resample_dicom:  # the one DICOM reader's default for this command
+        from .data import readers  # lazy: data.readers loads MONAI (heavy), imported only when needed
 
         readers.set_resample_dicom(True)
     try:

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import atomic_path, make_output_dir
+from ..progress import ProgressReporter
 from ..seg.evaluate import evaluate_files, format_table
 
 
@@ -24,14 +26,10 @@ def main(args: argparse.Namespace) -> int:
     result = evaluate_files(args.pred, args.ref, labels=args.labels, pred_labels=args.pred_labels,
                             classes=args.classes, with_hd95=not args.no_hd95)
     if args.out:
-        from ..errors import atomic_path, make_output_dir
-
         make_output_dir(Path(args.out).parent)
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
     if getattr(args, "progress_json", False):
-        from ..progress import ProgressReporter
-
         ProgressReporter("evaluate", 1, json_lines=True).done(**result)
     else:
         print(json.dumps(result, indent=1) if args.json else format_table(result))

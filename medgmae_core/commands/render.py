@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     reporter = ProgressReporter("render", 1, json_lines=True) if getattr(args, "progress_json", False) else None
     ply = read_gaussians_ply(args.ply)
     gaussians, shape, affine = resolve_grid(ply, args.like, args.shape)
-    from ..data.transforms import check_resample_size  # MONAI: heavy, loaded only when rendering
+    from ..data.transforms import check_resample_size  # lazy: MONAI is heavy, loaded only when rendering
 
     check_resample_size(shape, spatial.spacing_of(affine), None, max_voxels=args.max_voxels, bytes_per_voxel=12.0,
                         what=f"render grid of {args.ply}",

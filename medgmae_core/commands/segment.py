@@ -6,9 +6,10 @@ import json
 
 import torch
 
+from ..progress import ProgressReporter
 from ..seg.segment import segment
-from .options import add_option
 from ..train.distributed import resolve_device
+from .options import add_option
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..progress import ProgressReporter
-
     if not 0.0 <= args.overlap < 1.0:
         raise ValueError(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.sw_batch_size < 1:

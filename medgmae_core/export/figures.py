@@ -11,6 +11,7 @@ fixed j (i, k), sagittal = fixed i (j, k). Images are shown in radiological conv
 """
 from __future__ import annotations
 
+import ctypes.util
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import atomic_path
 from ..gaussians import GaussianSet
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ def slice_ellipses(centres: np.ndarray, cov: np.ndarray, axis: int, index: float
 
 def offscreen_gl_available() -> bool:
     """Cheap check before touching VTK's OpenGL: an EGL library (headless) or an X display must exist."""
-    import ctypes.util
-
     return bool(os.environ.get("DISPLAY")) or ctypes.util.find_library("EGL") is not None
 
 
@@ -77,7 +77,7 @@ def render_glyphs_offscreen(polydata, size: tuple[int, int] = (600, 600), *, sca
         raise RuntimeError("no EGL library and no X display for offscreen OpenGL "
                            "(Debian/Ubuntu: apt-get install -y libegl1 libgl1-mesa-dri)")
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    import vtk
+    import vtk  # lazy: optional dependency (slicer-core brings VTK); after the OpenGL window choice above
     from vtk.util import numpy_support as ns
 
     mapper = vtk.vtkPolyDataMapper()
@@ -136,8 +136,6 @@ def _show_slice(ax, image, spacing_hv, *, cmap="gray", vmin=0.0, vmax=1.0, flip_
 def save_figure(fig, path: str | Path, *, dpi: float | None = None) -> Path:
     """The one PNG writer: ``fig`` goes to a temporary file beside ``path`` (registered with ``errors``, so a failed
     command removes it), then is renamed over ``path``; a failure never leaves a partial PNG under the final name."""
-    from ..errors import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -156,7 +154,7 @@ def overview_png(path: str | Path, *, ct, prediction=None, mask=None, gaussians:
     ``glyph_polydata`` for the 3D panel. Rows: axial, coronal, sagittal; columns: CT with the mask, the masked
     input, the prediction, the prediction with Gaussian outlines; the right column is the 3D glyph view.
     """
-    import matplotlib
+    import matplotlib  # lazy: heavy, loaded when a figure is drawn
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -258,7 +256,7 @@ def loss_curve_png(history: torch.Tensor, path: str | Path, title: str = "pre-tr
     """PNG of loss against step (raw and smoothed), written atomically; None if there is nothing to plot."""
     if history.numel() == 0:
         return None
-    from matplotlib.figure import Figure  # matplotlib: heavy, loaded when a figure is drawn
+    from matplotlib.figure import Figure  # lazy: matplotlib is heavy, loaded when a figure is drawn
 
     steps, losses = history[:, 0].numpy(), history[:, 1].numpy()
     fig = Figure(figsize=(6, 4), dpi=100)

@@ -17,7 +17,7 @@ SCALAR_NAME = "intensity"
 
 
 def _vtk():
-    try:
+    try:  # lazy: optional dependency (slicer-core brings VTK)
         import vtk  # noqa: F401
         from vtk.util import numpy_support
     except ImportError as exc:  # pragma: no cover - vtk comes with slicer-core
@@ -72,7 +72,7 @@ def gaussian_glyph_polydata(centres_ras, axes_ras, scalars=None, *, sigma: float
         centres, axes, values = centres[keep], axes[keep], values[keep]
 
     if method == "auto":
-        from ..numba_support import numba_available
+        from ..numba_support import numba_available  # lazy: imports numba (optional, heavy) only when needed
 
         method = "numba" if numba_available() else "numpy"
     if method in ("numpy", "numba"):
@@ -159,7 +159,7 @@ def _fill_glyphs_numba():
     """The fused kernel, compiled on first use (cached on disk by ``numba_support``)."""
     global _NUMBA_FILL
     if _NUMBA_FILL is None:
-        from ..numba_support import njit, prange
+        from ..numba_support import njit, prange  # lazy: numba (optional, heavy), compiled on first use
 
         @njit(parallel=True)
         def fill(centres, axes, unit, unit_normals, tris, values, verts, normals, conn, scalars):

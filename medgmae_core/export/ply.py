@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .. import spatial
-from ..gaussians import GaussianSet
+from ..errors import atomic_path
+from ..gaussians import GaussianSet, GaussianValidationError
 
 FORMAT_TAG = "medgmae-gaussians/1"
 SH_C0 = 0.28209479177387814
@@ -86,8 +87,6 @@ def write_gaussians_ply(path: str | Path, gaussians: GaussianSet, *, shape=None,
     data["intensity"] = inten
     header = ["ply", "format binary_little_endian 1.0", *(f"comment {c}" for c in comments), f"element vertex {n}",
               *(f"property float {name}" for name in FIELDS), "end_header"]
-    from ..errors import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -182,8 +181,6 @@ def read_gaussians_ply(path: str | Path, dtype: torch.dtype = torch.float32) -> 
         inten = data["intensity"].astype(np.float64)
     else:
         inten = 1.0 / (1.0 + np.exp(-data["opacity"].astype(np.float64)))
-    from ..gaussians import GaussianValidationError
-
     try:
         with np.errstate(over="raise", invalid="raise", divide="raise"):
             if world:

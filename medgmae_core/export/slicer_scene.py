@@ -24,7 +24,7 @@ SLICE_VIEWS = ("Red", "Yellow", "Green")
 
 
 def _slicer():
-    try:
+    try:  # lazy: optional dependency (slicer-core)
         import slicer
         import vtk
         from vtk.util import numpy_support

@@ -59,6 +59,8 @@ from typing import Callable, Protocol
 import torch
 
 from ..gaussians import GaussianSet, quaternion_to_rotation
+from ..render import render_volume
+from ..xray.gaussian_projector import project_gaussians
 from .metrics import data_range_of, psnr, ssim
 
 SPLIT_SCALE_FACTOR = 1.6
@@ -340,8 +342,7 @@ def tv_of_random_subvolume(gaussians: GaussianSet, volume_shape: tuple[int, int,
                            generator: torch.Generator | None = None, render=None) -> torch.Tensor:
     """Anisotropic TV (mean absolute neighbour difference) of a random sub-volume of about ``size``^3
     voxels at the reconstruction's grid spacing."""
-    if render is None:
-        from ..render import render_volume as render
+    render = render_volume if render is None else render
     n_min = min(volume_shape) - 1
     extent = min(1.0, (size - 1) / n_min)
     shape = tuple(max(2, int(round(extent * (n - 1))) + 1) for n in volume_shape)
@@ -369,8 +370,6 @@ class GeometryProjector:
         self.cutoff = cutoff
 
     def __call__(self, gaussians, views: torch.Tensor | None = None) -> torch.Tensor:
-        from ..xray.gaussian_projector import project_gaussians
-
         geom = self.geometry if views is None else self.geometry.copy_with(angles=self.geometry.angles[views.cpu()])
         return project_gaussians(gaussians, geom, cutoff=self.cutoff, backend=self.backend)
 
@@ -402,9 +401,7 @@ class ReconstructionFit:
         self.volume_shape = tuple(int(n) for n in volume_shape)
         self.reference = reference
         self.data_range = data_range if data_range is not None or reference is None else data_range_of(reference)
-        if render is None:
-            from ..render import render_volume as render
-        self.render = render
+        self.render = render_volume if render is None else render
         self.optimizer = build_optimizer(params, config)
         self.stats = DensifyStats.zeros(params.num_gaussians, params.xyz)
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -68,8 +68,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
+from ..data.transforms import HU_WINDOW
 from ..gaussians import GaussianSet
+from ..inference import predict_volume
+from ..render import render_volume
+from ..render.conventions import get_convention
+from ..train.checkpoint import load_model
 from ..volume_fit import VolumeRenderer, run_volume_fit
 from ..xray.fbp import FILTERS, reconstruct_analytic
 from .projection_data import ProjectionData
@@ -92,8 +98,6 @@ def knn_scales(centres: np.ndarray, extent_mm: Sequence[float], knn: int = KNN,
                min_mm: float | None = None) -> np.ndarray:
     """Isotropic (in mm) scales ``[k, 3]`` in normalised units: the mean distance to the ``knn`` nearest
     neighbours, as 3DGS/3DGR-CT initialise from point density."""
-    from scipy.spatial import cKDTree
-
     e = _extent(extent_mm)
     pts = np.asarray(centres, dtype=np.float64) * e  # mm
     k = len(pts)
@@ -244,8 +248,6 @@ def fbp_to_window(fbp_volume: torch.Tensor, mu_water: float | None,
     None (units unknown, e.g. a real micro-CT) the window is the FBP's 1st to
     99.5th percentile instead.
     """
-    from ..data.transforms import HU_WINDOW
-
     lo_hu, hi_hu = window or HU_WINDOW
     vol = torch.as_tensor(fbp_volume).detach().float()
     if mu_water is not None:
@@ -284,8 +286,6 @@ def load_checkpoint_model(checkpoint, device: str = "cpu", expect_star: bool | N
     if isinstance(checkpoint, (tuple, list)):
         model, config = checkpoint
     else:
-        from ..train.checkpoint import load_model
-
         model, config = load_model(checkpoint, device=device)
     objective = getattr(config, "objective", "gaussian")
     if objective == "voxel":
@@ -308,9 +308,6 @@ def predict_medgmae(fbp_volume: torch.Tensor, spacing_mm: Sequence[float], check
     FBP ``(mu - mu_lo) / (mu_hi - mu_lo)`` clipped to [0, 1]. See :func:`init_medgmae`
     for the windows and resampling.
     """
-    from ..inference import predict_volume
-    from ..render.conventions import get_convention
-
     model, config = load_checkpoint_model(checkpoint, device, expect_star)
     vol = torch.as_tensor(fbp_volume).detach().float().cpu()
     windowed, mu_lo, mu_hi = fbp_to_window(vol, mu_water)
@@ -363,8 +360,7 @@ def residual_target(converted: GaussianSet, fbp_volume: torch.Tensor, mu_lo: flo
     """What the converted prediction does not model, ``[D, H, W]`` (>= 0): the offset ``mu_lo`` where the FBP is
     inside the window, ``FBP - render(converted)`` where the window clips it (below: air, lung; above: bone,
     contrast)."""
-    if render is None:
-        from ..render import render_volume as render
+    render = render_volume if render is None else render
     fbp = torch.as_tensor(fbp_volume).detach().float().cpu()
     with torch.no_grad():
         rendered = render(converted.detach().to(torch.float32), tuple(fbp.shape))[0].cpu()
