@@ -8,14 +8,17 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+import MedGMAESlicerLib
 from MedGMAESlicerLib.compat import translate, translator, unsupported_reason
 
 _ = translator()
 UNSUPPORTED = unsupported_reason()  # None on Slicer >= 5.10; else one sentence for the user
-if UNSUPPORTED is None:
+if UNSUPPORTED is None:  # the library needs Python >= 3.10: an older Slicer imports only compat
+    from MedGMAESlicerLib.install import InstallLogic
     from MedGMAESlicerLib.logic import MedGMAELogic
     from MedGMAESlicerLib.panel import MedGMAEPanel
     from MedGMAESlicerLib.parameters import parameter_node_wrapper_class, parameters_from_wrapper
+    from MedGMAESlicerLib.selftest import run_self_tests
 else:
     MedGMAELogic = object
     logging.warning(UNSUPPORTED)
@@ -40,12 +43,9 @@ class MedGMAESlicer(ScriptedLoadableModule):
 
 
 class MedGMAESlicerLogic(ScriptedLoadableModuleLogic, MedGMAELogic):
-    """Slicer's module logic over the plain-Python MedGMAELogic (everything is in MedGMAESlicerLib)."""
-
-    def __init__(self):
-        ScriptedLoadableModuleLogic.__init__(self)
-        if UNSUPPORTED is None:
-            MedGMAELogic.__init__(self)
+    """Slicer's module logic: the parameter node (ScriptedLoadableModuleLogic) and the MedGMAELogic facade over its
+    prediction, display and background parts (MedGMAESlicerLib). No __init__: ScriptedLoadableModuleLogic.__init__
+    calls super().__init__(), which is MedGMAELogic.__init__ (the parts, on slicer.mrmlScene)."""
 
     def getParameterNode(self):
         return parameter_node_wrapper_class()(super().getParameterNode())
@@ -97,7 +97,6 @@ class MedGMAESlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReload(self):
         """Developer "Reload": re-import MedGMAESlicerLib too, then the module file."""
-        import MedGMAESlicerLib
         if self.panel is not None:
             self.panel.cleanup()
         MedGMAESlicerLib.reload_submodules()
@@ -138,8 +137,6 @@ class MedGMAESlicerTest(ScriptedLoadableModuleTest):
         if UNSUPPORTED is not None:
             self.delayDisplay(UNSUPPORTED)
             return
-        from MedGMAESlicerLib.install import InstallLogic
-        from MedGMAESlicerLib.selftest import run_self_tests
         report = InstallLogic().check()
         if not report.ok:
             self.delayDisplay(report.summary() + " " + _("Running only the self-tests that need no dependencies."))

@@ -1,4 +1,5 @@
-"""MedGMAESlicer's library: logic, parameters, background jobs and dependency install (tested without the app).
+"""MedGMAESlicer's library: logic (prediction, display and background parts), parameters, jobs and dependency
+install (tested without the app).
 
 Nothing here imports torch or ``medgmae_core`` at import time: the module loads, and tells what is missing, in a
 Slicer where the dependencies are not installed yet.
@@ -13,8 +14,8 @@ MODULE_DIR = Path(__file__).resolve().parents[1]
 RESOURCES_DIR = MODULE_DIR / "Resources"  # the module's own Resources/ (ScriptedLoadableModule.resourcePath)
 
 # Every submodule, dependencies first: the order the developer "Reload" re-imports them in.
-SUBMODULES = ("compat", "parameters", "jobs", "jobpanel", "install", "prediction", "background", "logic",
-              "headless", "panel", "selftest")
+SUBMODULES = ("compat", "parameters", "jobs", "jobpanel", "install", "prediction", "background", "display",
+              "logic", "headless", "panel", "selftest")
 
 
 def use_source_checkout_library() -> str | None:
@@ -43,9 +44,6 @@ def resource_path(relative: str) -> str:
 def reload_submodules() -> list[str]:
     """Re-import every ``MedGMAESlicerLib`` submodule (the module widget's developer "Reload"), in dependency
     order, so edits to the library take effect without restarting Slicer. Returns the reloaded names."""
-    import importlib
-    import sys
-
     package = importlib.reload(sys.modules[__name__])
     reloaded = []
     for name in SUBMODULES:

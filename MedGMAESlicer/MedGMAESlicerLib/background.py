@@ -1,26 +1,30 @@
-"""Train and Reconstruct panels: the ``medgmae`` CLI run with Slicer's Python in a background process.
+"""The module logic's background part: Train and Reconstruct run the ``medgmae`` CLI with Slicer's Python in a
+background process.
 
 Commands are built here from the panel's settings and run through :class:`jobs.BackgroundJob`
 (JSON progress lines, whole-tree cancel). ``run_*`` methods are the blocking paths for batch scripts.
 Each panel owns its inputs: training has its own device and fine-tuning encoder, reconstruction its own device
-and checkpoint; nothing is borrowed from the Predict panel.
+and checkpoint; nothing is borrowed from the Predict panel. This part holds no scene: a simulated scan starts from a
+CT that ``ct_writer`` (the logic passes its display part's ``write_input_ct``) writes to a file.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .jobs import BackgroundJob
-from .parameters import MedGMAEParameters, is_set
+from .parameters import MedGMAEParameters, choice_value, is_set
+from .prediction import resolve_device
 
 
 class BackgroundLogic:
-    """Train and Reconstruct panels: the ``medgmae`` CLI in a background process (``jobs.BackgroundJob``)."""
+    """Train and Reconstruct: the ``medgmae`` CLI in a background process (``MedGMAELogic.background``).
 
-    def resolve_device(self, device: str = "auto") -> str:
-        """``auto``: CUDA when available, else CPU; ``cuda`` without CUDA is a clear error (imports torch)."""
-        from .prediction import resolve_device
-        return resolve_device(device)
+    ``ct_writer(volume_node, path) -> path`` writes the input CT of a simulated scan (only
+    :meth:`start_reconstruction_from_parameters` needs it)."""
+
+    def __init__(self, *, ct_writer: Callable | None = None) -> None:
+        self.ct_writer = ct_writer
 
     def training_command(self, *, command: str = "pretrain", data_folder, out_dir, config: str = "tiny",
                          steps: int = 1000, device: str = "auto", resume: bool = False,
@@ -28,9 +32,9 @@ class BackgroundLogic:
         """``medgmae pretrain|finetune`` arguments (without the Python prefix). ``data_folder`` may also be
         ``phantom[:N]`` (generated phantoms); ``extra_args`` are passed through (e.g. ``--img-size 48``)."""
         MedGMAEParameters.check(trainCommand=command, trainConfig=config, trainSteps=steps, trainDevice=device)
-        command, config, device = _value(command), _value(config), _value(device)
+        command, config, device = choice_value(command), choice_value(config), choice_value(device)
         if device == "cuda":
-            self.resolve_device(device)  # a clear error now, not in the child's log
+            resolve_device(device)  # a clear error now, not in the child's log
         # "auto" is passed on: pretrain and finetune resolve it themselves (no torch import in Slicer's GUI)
         is_phantom = str(data_folder).startswith("phantom")
         if not is_phantom and not is_set(data_folder):
@@ -76,8 +80,8 @@ class BackgroundLogic:
         or the projections file (``source="projections"``)."""
         MedGMAEParameters.check(reconSource=source, reconGeometry=geometry, reconViews=views, reconInit=init,
                                 reconIterations=iterations)
-        source, geometry, init = _value(source), _value(geometry), _value(init)
-        device = self.resolve_device(_value(device))  # `medgmae reconstruct --device` takes a concrete device
+        source, geometry, init = choice_value(source), choice_value(geometry), choice_value(init)
+        device = resolve_device(choice_value(device))  # `medgmae reconstruct --device` takes a concrete device
         if not is_set(input_path) or not Path(input_path).exists():
             what = "CT volume" if source == "simulate" else "projection file"
             raise FileNotFoundError(f"reconstruction input: {what} {input_path!s} does not exist")
@@ -104,10 +108,12 @@ class BackgroundLogic:
         """The Reconstruct panel: its own source, output, device and checkpoint."""
         if not is_set(params.reconOutputFolder):
             raise ValueError("reconstruction output folder: choose a folder")
-        if _value(params.reconSource) == "simulate":
+        if choice_value(params.reconSource) == "simulate":
             if params.inputVolume is None:
                 raise ValueError("input CT volume: choose the CT to simulate a scan of (Mask section)")
-            input_path = self.write_input_ct(params.inputVolume, Path(params.reconOutputFolder) / "input_ct.nii.gz")
+            if self.ct_writer is None:
+                raise ValueError("simulated scan: this background logic has no CT writer (ct_writer)")
+            input_path = self.ct_writer(params.inputVolume, Path(params.reconOutputFolder) / "input_ct.nii.gz")
         else:
             input_path = params.projectionsPath
         return self.start_reconstruction(out_dir=params.reconOutputFolder, source=params.reconSource,
@@ -122,8 +128,3 @@ class BackgroundLogic:
         if not result.ok:
             raise RuntimeError(result.error)
         return result
-
-
-def _value(choice) -> str:
-    """An enum parameter's token (``Device.CPU`` -> ``"cpu"``); strings pass through."""
-    return getattr(choice, "value", choice)

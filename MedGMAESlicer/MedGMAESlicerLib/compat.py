@@ -19,8 +19,10 @@ def translator():
 
     Use as ``_ = translator()`` at module level, so ``_("...")`` is called from the module that owns the text.
     """
+    if "slicer" not in sys.modules:  # plain Python (e.g. the prediction worker): no application, nothing to import
+        return lambda text: text
     try:
-        from slicer.i18n import tr
+        from slicer.i18n import tr  # lazy: only the application has slicer.i18n
         return tr
     except ImportError:  # plain Python with slicer-core, which has no slicer.i18n
         return lambda text: text
@@ -28,8 +30,10 @@ def translator():
 
 def translate(context, text):
     """``slicer.i18n.translate(context, text)`` (an explicit context, e.g. Slicer's module categories), else text."""
+    if "slicer" not in sys.modules:
+        return text
     try:
-        from slicer.i18n import translate as slicer_translate
+        from slicer.i18n import translate as slicer_translate  # lazy: only the application has slicer.i18n
     except ImportError:
         return text
     return slicer_translate(context, text)

@@ -8,15 +8,20 @@ offscreen 3D view.
 Pictures (:meth:`Session.render_3d`): in Slicer they come from the main window's 3D view, so they need Slicer's main
 window and therefore a display (Slicer's VTK has no EGL; on a server use ``xvfb-run``). Under plain Python VTK
 renders offscreen with EGL only if ``VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow`` was set *before* VTK was
-imported (``examples/slicer_batch_predict.py`` sets it first thing); setting it later has no effect.
+imported (``examples/slicer_batch_predict.py`` sets it first thing, before it imports this module, which imports
+VTK through ``slicer``); setting it later has no effect.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
 
 OFFSCREEN_HINT = ("3D pictures need a display, or EGL under plain Python: set VTK_DEFAULT_OPENGL_WINDOW="
                   "vtkEGLRenderWindow before Python imports VTK (the batch script does this when it starts without a "
@@ -24,7 +29,6 @@ OFFSCREEN_HINT = ("3D pictures need a display, or EGL under plain Python: set VT
 
 
 def in_slicer_app() -> bool:
-    import slicer
     return hasattr(slicer, "app") and slicer.app is not None
 
 
@@ -37,7 +41,6 @@ class Session:
     # -------------------------------------------------------------- volumes
     def load_volume(self, path: str | Path, name: str | None = None):
         """A CT file (NIfTI, NRRD, ...) as a ``vtkMRMLScalarVolumeNode``; a clear error when it cannot be read."""
-        import slicer
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input CT {path} does not exist")
@@ -51,12 +54,11 @@ class Session:
     # -------------------------------------------------------------- scene files
     def save_mrb(self, path: str | Path) -> Path:
         """Write the scene as a Slicer bundle (.mrb) that the real app opens."""
-        import slicer
         path = Path(path)
         if path.suffix.lower() != ".mrb":
             raise ValueError(f"scene output {path} must end in .mrb")
         if not in_slicer_app():
-            from medgmae_core.export.slicer_scene import write_mrb
+            from medgmae_core.export.slicer_scene import write_mrb  # lazy: medgmae_core imports torch
             return write_mrb(self.scene, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not slicer.util.saveScene(str(path)) or not path.is_file():
@@ -66,7 +68,6 @@ class Session:
     # -------------------------------------------------------------- views
     def add_slice_views(self) -> list:
         """Red/Yellow/Green slice and composite nodes (what the app's layout creates), so layers can be set."""
-        import slicer
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(self.scene)
         composites = []
         for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
@@ -89,10 +90,6 @@ class Session:
             return _render_app_3d_view(png)
         if not offscreen_possible():
             raise RuntimeError(OFFSCREEN_HINT)
-        import slicer
-        import vtk
-        from vtk.util import numpy_support
-
         view = self.scene.GetFirstNodeByClass("vtkMRMLViewNode") or self.scene.AddNewNodeByClass("vtkMRMLViewNode", "View1")
         view.SetLayoutName(view.GetLayoutName() or "1")
         view.SetBoxVisible(False)
@@ -136,7 +133,6 @@ class Session:
 def offscreen_possible(environ=None, platform: str | None = None) -> bool:
     """Whether plain-Python VTK can open a render window here: EGL was chosen before VTK loaded, or there is a
     display (always on Windows and macOS)."""
-    import sys
     environ = os.environ if environ is None else environ
     platform = platform or sys.platform
     if not platform.startswith("linux"):
@@ -146,10 +142,6 @@ def offscreen_possible(environ=None, platform: str | None = None) -> bool:
 
 def _render_app_3d_view(png) -> np.ndarray:
     """The first 3D view of Slicer's layout, as an image (qMRMLThreeDView.renderWindow + vtkWindowToImageFilter)."""
-    import slicer
-    import vtk
-    from vtk.util import numpy_support
-
     layout = slicer.app.layoutManager()
     if layout is None:
         raise RuntimeError("--png needs Slicer's main window and a display: run Slicer without --no-main-window "
@@ -183,10 +175,9 @@ def _stem(path: Path) -> str:
 
 def create_session(*, set_global: bool = True) -> Session:
     """The app's scene inside Slicer; else a new slicer-core scene (``export.slicer_scene.new_scene``)."""
-    import slicer
     if in_slicer_app():
         return Session(slicer.mrmlScene, slicer.app.applicationLogic(), slicer.modules.volumes.logic())
-    from medgmae_core.export.slicer_scene import new_scene
+    from medgmae_core.export.slicer_scene import new_scene  # lazy: medgmae_core imports torch
 
     previous = getattr(slicer, "mrmlScene", None)
     hs = new_scene()  # sets slicer.mrmlScene, which slicer.util helpers use
@@ -198,8 +189,7 @@ def create_session(*, set_global: bool = True) -> Session:
 
 def load_mrb(path: str | Path):
     """Read a .mrb into a new scene (``export.slicer_scene.read_scene``); returns the scene."""
-    import slicer
-    from medgmae_core.export.slicer_scene import read_scene
+    from medgmae_core.export.slicer_scene import read_scene  # lazy: medgmae_core imports torch
 
     previous = getattr(slicer, "mrmlScene", None)
     hs = read_scene(path)

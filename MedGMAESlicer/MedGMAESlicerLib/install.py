@@ -153,23 +153,26 @@ class DependencyReport:
 
 
 class SlicerServices:
-    """The application side of installing, through Slicer's own API (only inside the app)."""
+    """The application side of installing, through Slicer's own API (only inside the app).
+
+    ``slicer`` is imported in the methods: the checks above run in any Python (``jobs.py`` and
+    :func:`_default_services` look at ``sys.modules`` instead of importing it)."""
 
     def testing(self) -> bool:
-        import slicer
+        import slicer  # lazy: the application's API (see the class docstring)
         return bool(slicer.app.testingEnabled())
 
     def confirm(self, text: str, title: str, detail: str) -> bool:
-        import slicer
+        import slicer  # lazy: the application's API (see the class docstring)
         return bool(slicer.util.confirmOkCancelDisplay(text, title, detailedText=detail))
 
     def confirm_restart(self, text: str, detail: str) -> bool:
-        import slicer
+        import slicer  # lazy: the application's API (see the class docstring)
         return bool(slicer.util.confirmYesNoDisplay(text, _("{requester} - restart recommended").format(
             requester=REQUESTER), detailedText=detail))
 
     def restart(self) -> None:
-        import slicer
+        import slicer  # lazy: the application's API (see the class docstring)
         slicer.util.restart()
 
     def has_pytorch_extension(self) -> bool:
@@ -178,16 +181,16 @@ class SlicerServices:
     def pytorch_utils(self):
         """``PyTorchUtilsLogic()`` of the PyTorch extension, or None when it is not installed."""
         try:
-            import PyTorchUtils
+            import PyTorchUtils  # lazy: the PyTorch extension's module, present only when it is installed
         except ImportError:
             return None
         return PyTorchUtils.PyTorchUtilsLogic()
 
     def pip(self, requirements: list[str], constraints: Path) -> bool:
         """Install with Slicer's pip helpers; True when they already asked about restarting."""
-        import slicer
+        import slicer  # lazy: the application's API (see the class docstring)
         try:
-            import slicer.packaging as packaging  # Slicer >= 5.12
+            import slicer.packaging as packaging  # lazy: Slicer >= 5.12 only
         except ImportError:
             packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):

@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import slicer
+
 from .compat import translator
+from .display import GlyphSettings
 from .install import DependencyError, InstallLogic
 from .jobpanel import JobPanel
 from .parameters import MedGMAEParameters, path_parameters
@@ -130,8 +133,6 @@ class MedGMAEPanel:
 
     # ---------------------------------------------------------------- display
     def _sync_display(self, params: MedGMAEParameters) -> None:
-        from .logic import GlyphSettings
-
         prediction = self.logic.last_prediction
         wanted = GlyphSettings.from_parameters(params)
         if wanted.opacity != prediction.glyph.opacity or params.predictionOpacity != prediction.prediction_opacity:
@@ -245,5 +246,4 @@ class MedGMAEPanel:
 
 
 def _slicer_guard(message, waitCursor=False):
-    import slicer
     return slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor)

@@ -252,6 +252,12 @@ def path_text(value) -> str:
     return "" if text == "." else text
 
 
+def choice_value(choice):
+    """A choice parameter's token (``Device.CPU`` -> ``"cpu"``), what command lines and requests take; plain values
+    pass through."""
+    return getattr(choice, "value", choice)
+
+
 def is_set(path) -> bool:
     """A path parameter that was filled in."""
     return path_text(path) != ""
@@ -299,6 +305,8 @@ def register_path_connector() -> None:
     global _connector_registered
     if _connector_registered:
         return
+    # lazy: ctk and slicer.parameterNodeWrapper exist only in the application; this file also loads in the
+    # prediction worker and in plain Python
     import ctk
     from slicer.parameterNodeWrapper import GuiConnector, parameterNodeGuiConnector, unannotatedType
 
@@ -338,6 +346,7 @@ def register_path_connector() -> None:
 @functools.lru_cache(maxsize=None)
 def parameter_node_wrapper_class():
     """``@parameterNodeWrapper`` class with the same fields, for the Slicer app (needs ``slicer.parameterNodeWrapper``)."""
+    # lazy: slicer.parameterNodeWrapper exists only in the application (see register_path_connector)
     import slicer
     from slicer.parameterNodeWrapper import Choice as SlicerChoice
     from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper

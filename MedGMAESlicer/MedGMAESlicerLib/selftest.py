@@ -13,9 +13,15 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
+
+from .display import add_volume, array_ijk
+from .jobs import BackgroundJob, JobState, pid_alive, python_executable
+from .logic import MedGMAELogic
+from .parameters import Device, MedGMAEParameters, WindowMode
 
 
 def rotation(axis, degrees: float) -> np.ndarray:
@@ -55,20 +61,19 @@ def __getattr__(name: str):
 
 
 def _make_blob_finder():
-    import torch
+    import torch  # lazy: this file is imported without torch (the module's Test class without dependencies)
 
     class BlobFinder(torch.nn.Module):
         """A known-answer "model": one Gaussian at the centroid of the window's bright voxels."""
 
         def __init__(self, n: int = 32, scale: float = 0.03):
             super().__init__()
-            from types import SimpleNamespace
             self.config = SimpleNamespace(img_size=(n, n, n))
             self.scale = scale
             self.dummy = torch.nn.Parameter(torch.zeros(1))
 
         def predict_gaussians(self, x, mask_ratio=0.0, generator=None, **kwargs):
-            from medgmae_core.gaussians import GaussianSet
+            from medgmae_core.gaussians import GaussianSet  # lazy: medgmae_core imports torch
             vol = x[0, 0].double()
             weights = (vol - vol.median()).clamp_min(0)  # above the soft-tissue background
             weights = weights * (weights >= 0.5 * weights.max())
@@ -79,7 +84,7 @@ def _make_blob_finder():
                                torch.tensor([[[1.0, 0, 0, 0]]]), torch.ones(1, 1))
 
         def render(self, gaussians):
-            from medgmae_core.render import render_volume
+            from medgmae_core.render import render_volume  # lazy: medgmae_core imports torch
             return render_volume(gaussians, self.config.img_size, backend="torch")[:, None]
 
     return BlobFinder
@@ -87,9 +92,9 @@ def _make_blob_finder():
 
 def tiny_checkpoint(path: str | Path) -> Path:
     """A tiny randomly initialised MedGMAE saved through ``medgmae_core.train.checkpoint``."""
-    import torch
-    from medgmae_core.model import build_model, get_config
-    from medgmae_core.train.checkpoint import save_checkpoint
+    import torch  # lazy: this file is imported without torch
+    from medgmae_core.model import build_model, get_config  # lazy: medgmae_core imports torch
+    from medgmae_core.train.checkpoint import save_checkpoint  # lazy: medgmae_core imports torch
 
     torch.manual_seed(0)
     config = get_config("tiny", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2, decoder_embed_dim=36,
@@ -103,9 +108,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 def test_mask_and_known_answer_glyphs(scene, report: Callable[[str], None] = print) -> None:
-    from medgmae_core.export.glyphs import glyph_vertices
-
-    from .logic import MedGMAELogic, add_volume, array_ijk
+    from medgmae_core.export.glyphs import glyph_vertices  # lazy: medgmae_core imports torch
 
     affine = oblique_lps_affine()
     centre_ijk = np.array([25.0, 12.0, 9.0])
@@ -130,8 +133,6 @@ def test_mask_and_known_answer_glyphs(scene, report: Callable[[str], None] = pri
 
 
 def test_tiny_model_prediction(scene, report: Callable[[str], None] = print) -> None:
-    from .logic import MedGMAELogic, add_volume
-
     volume = add_volume(scene, blob_volume(), oblique_lps_affine(), "MedGMAE self-test CT (model)")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tiny_checkpoint(Path(tmp) / "tiny.pt")
@@ -146,9 +147,6 @@ def test_tiny_model_prediction(scene, report: Callable[[str], None] = print) -> 
 def test_background_prediction(scene, report: Callable[[str], None] = print) -> None:
     """The Predict button's path: a separate process (Slicer's Python) predicts, this process shows the result;
     it gives the same Gaussians as predicting in-process."""
-    from .logic import MedGMAELogic, add_volume
-    from .parameters import MedGMAEParameters
-
     volume = add_volume(scene, blob_volume(), oblique_lps_affine(), "MedGMAE self-test CT (job)")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = tiny_checkpoint(Path(tmp) / "tiny.pt")
@@ -169,8 +167,6 @@ def test_background_prediction(scene, report: Callable[[str], None] = print) -> 
 
 
 def test_background_job_cancel(report: Callable[[str], None] = print) -> None:
-    from .jobs import BackgroundJob, JobState, pid_alive, python_executable
-
     code = ("import json, time\n"
             "for s in range(1, 1000):\n"
             "    print(json.dumps({'event': 'progress', 'step': s, 'total': 1000}), flush=True)\n"
@@ -190,8 +186,6 @@ def test_background_job_cancel(report: Callable[[str], None] = print) -> None:
 
 def test_parameters_round_trip(scene, report: Callable[[str], None] = print) -> None:
     """The panel's parameters survive the scene's parameter node (no torch needed)."""
-    from .parameters import Device, MedGMAEParameters, WindowMode
-
     node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedGMAE self-test parameters")
     params = MedGMAEParameters(maskRatio=0.5, windowMode=WindowMode.WHOLE, device=Device.CPU, checkpointPath="")
     params.write_to_node(node)

@@ -127,10 +127,12 @@ def test_each_panel_owns_its_inputs(session, tmp_path, monkeypatch):
     from MedGMAESlicerLib.logic import add_volume
     from MedGMAESlicerLib.parameters import Device
 
+    from MedGMAESlicerLib import background
+
     vol = add_volume(session.scene, np.full((8, 8, 8), 40.0, np.float32), np.eye(4), "ct")
     logic = MedGMAELogic(session.scene)
     # "cuda" is checked against torch.cuda where it is asked for; this machine has none
-    monkeypatch.setattr(logic, "resolve_device", lambda device="auto": "cpu" if device == "auto" else device)
+    monkeypatch.setattr(background, "resolve_device", lambda device="auto": "cpu" if device == "auto" else device)
     predict_ckpt, recon_ckpt, encoder = tmp_path / "predict.pt", tmp_path / "recon.pt", tmp_path / "encoder.pt"
     params = MedGMAEParameters(inputVolume=vol, checkpointPath=str(predict_ckpt), trainDataFolder=str(tmp_path),
                                trainOutputFolder=str(tmp_path / "t"), trainCommand="finetune", trainDevice="cuda",

@@ -84,6 +84,10 @@ def test_widget_mask_predict_display_export_train(app, session, tiny_checkpoint,
     s = standin.open_module(MODULE_FILE)
     ui, panel, params = s.widget.ui, s.widget.panel, s.widget._parameterNode
     logic = s.widget.logic
+    # the module's logic: Slicer's ScriptedLoadableModuleLogic with the facade's parts, on the app's scene
+    from MedGMAESlicerLib.display import DisplayLogic
+    assert logic.moduleName == "MedGMAESlicer" and isinstance(logic.display, DisplayLogic)
+    assert logic.scene is session.scene and logic.background.ct_writer == logic.display.write_input_ct
 
     ui.previewMaskButton.clicked.emit()
     assert ui.maskStatusLabel.text.startswith("Masked") and "label layer" in ui.maskStatusLabel.text
@@ -112,10 +116,10 @@ def test_widget_mask_predict_display_export_train(app, session, tiny_checkpoint,
 
     # display: opacity at once; glyph geometry once the slider is still (not per tick)
     rebuilds = []
-    real_update = logic._update_glyphs
-    logic._update_glyphs = lambda p, force=False: (rebuilds.append(p.glyph.geometry())
-                                                   if force or p.glyph.geometry() != p.glyph_key else None,
-                                                   real_update(p, force))
+    real_update = logic.display.update_glyphs
+    logic.display.update_glyphs = lambda p, force=False: (rebuilds.append(p.glyph.geometry())
+                                                          if force or p.glyph.geometry() != p.glyph_key else None,
+                                                          real_update(p, force))
     ui.glyphOpacitySlider.value = 0.3
     assert prediction.model_node.GetDisplayNode().GetOpacity() == pytest.approx(0.3) and rebuilds == []
     for value in (0.2, 0.3, 0.4):  # dragging the threshold slider
