@@ -181,7 +181,8 @@ def rtk_runs(data, rng: float, sart_iters: int) -> dict:
         vol, sec = rb.fdk(proj, data.geometry, data.volume_shape, data.spacing_mm)
         out["fdk"] = {"psnr": psnr(torch.from_numpy(vol), data.reference, rng),
                       "ssim": ssim(torch.from_numpy(vol), data.reference, rng), "seconds": sec}
-        hist = []
+        if sart_iters <= 0:
+            return out
         vol, sec, hist = rb.sart(proj, data.geometry, data.volume_shape, data.spacing_mm, iterations=sart_iters,
                                  callback=lambda v, it, s: {"iteration": it, "seconds": s,
                                                             "psnr": psnr(torch.from_numpy(v), data.reference, rng)})
@@ -278,6 +279,54 @@ def ratio_table(runs: dict, reference: str = "3dgr") -> dict:
     return table
 
 
+def summarise_scan(scan: dict) -> None:
+    """The ratio tables (against ``3dgr``, the target's reference, and ``fbp``, the stronger default) and the
+    quality targets, from ``scan["runs"]``."""
+    runs = scan["runs"]
+    scan["ratios_to_3dgr"] = ratio_table(runs, "3dgr")
+    scan["ratios_to_fbp"] = ratio_table(runs, "fbp")
+    best = max((r["final_psnr"] for r in runs.values() if "final_psnr" in r), default=None)
+    sart = scan["rtk"].get("sart", {}).get("best_psnr") if isinstance(scan.get("rtk"), dict) else None
+    sirt = scan.get("sirt", {}).get("best_psnr")
+    scan["targets"] = {"best_gaussian_psnr": best,
+                       "best_over_fdk": None if best is None else best - scan["fdk_psnr"],
+                       "quality_target_4db": None if best is None else best - scan["fdk_psnr"] >= 4.0,
+                       "at_or_above_rtk_sart": None if best is None or sart is None else best >= sart,
+                       "at_or_above_own_sirt": None if best is None or sirt is None else best >= sirt}
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One result from several runs of this script over different ``--inits`` (e.g. one process per core):
+    scans are matched by volume and view count, their runs (and any baseline a part computed) joined, and the
+    ratio tables and targets recomputed. The parts must share the scan settings; the first part's are kept."""
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(parts[0], merged_from=[str(p) for p in paths], inits=[],
+                  wall_seconds=[p.get("wall_seconds") for p in parts],
+                  loadavg=[[p.get("loadavg_start"), p.get("loadavg_end")] for p in parts])
+    by_key: dict = {}
+    for part in parts:
+        merged["inits"] += [m for m in part["inits"] if m not in merged["inits"]]
+        merged["speed_check"] = merged.get("speed_check") or part.get("speed_check")
+        for scan in part["scans"]:
+            key = (scan["volume"], scan["views"])
+            if key not in by_key:
+                by_key[key] = dict(scan, runs=dict(scan["runs"]))
+                continue
+            into = by_key[key]
+            if into["fit_config"] != scan["fit_config"] or into["shape"] != scan["shape"]:
+                raise ValueError(f"{key}: the parts were run with different settings; cannot merge")
+            into["runs"].update(scan["runs"])
+            for baseline in ("sirt", "rtk"):
+                if "skipped" in into.get(baseline, {}) and "skipped" not in scan.get(baseline, {}):
+                    into[baseline] = scan[baseline]
+    merged["scans"] = list(by_key.values())
+    for scan in merged["scans"]:
+        summarise_scan(scan)
+    return merged
+
+
 def plot(path: Path, scans: list[dict]) -> None:
     from matplotlib.figure import Figure
 
@@ -304,7 +353,8 @@ def plot(path: Path, scans: list[dict]) -> None:
             rtk = scan.get("rtk", {})
             if "sart" in rtk:
                 ax.axhline(rtk["sart"]["best_psnr"], color="grey", ls=":", lw=0.8, label="RTK SART (best)")
-            ax.axhline(scan["sirt"]["best_psnr"], color="tab:brown", ls="-.", lw=0.8, label="SIRT, ours (best)")
+            if "best_psnr" in scan.get("sirt", {}):
+                ax.axhline(scan["sirt"]["best_psnr"], color="tab:brown", ls="-.", lw=0.8, label="SIRT, ours (best)")
         row[2].axhline(scan["fdk_ssim"], color="k", ls="--", lw=0.8)
         row[0].legend(fontsize=7)
     fig.tight_layout()
@@ -323,14 +373,15 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--views-per-iter", type=int, default=10)
     ap.add_argument("--lr-horizon", type=int, default=FitConfig.lr_horizon)
+    ap.add_argument("--lr-intensity", type=float, default=FitConfig.lr_intensity)
     ap.add_argument("--grad-threshold", type=float, default=FitConfig.grad_threshold)
     ap.add_argument("--densify-fraction", type=float, default=FitConfig.densify_fraction)
     ap.add_argument("--num-gaussians", type=int, default=None,
-                    help="initial count of random/fbp (default 20000; 3dgr keeps 3DGR-CT's 50k unless --quick)")
-    ap.add_argument("--residual-gaussians", type=int, default=None, help="zero-shot residual set (default 8000)")
+                    help="initial count of every init (default 20000, --quick 3000; zero-shot: predicted + residual; "
+                         "3dgr keeps 3DGR-CT's 50k unless given or --quick)")
     ap.add_argument("--residual-fit-iters", type=int, default=100)
-    ap.add_argument("--oracle-gaussians", type=int, default=4000)
-    ap.add_argument("--oracle-iters", type=int, default=300)
+    ap.add_argument("--oracle-gaussians", type=int, default=512, help="the oracle's predicted set (a model's k)")
+    ap.add_argument("--oracle-iters", type=int, default=600)
     ap.add_argument("--sart-iters", type=int, default=20)
     ap.add_argument("--sirt-iters", type=int, default=100)
     ap.add_argument("--checkpoint", default=None, help="MedGMAE(*) checkpoint (default: newest weights/*.pt)")
@@ -338,22 +389,29 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-speed-check", action="store_true")
     ap.add_argument("--speed-only", action="store_true", help="only the speed check, written to --out")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="join the JSON of runs over different --inits into --out (no fitting)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.merge:
+        merged = merge_results(args.merge)
+        write_json(Path(args.out), merged)
+        plot(Path(args.out).with_suffix(".png"), merged["scans"])
+        print(f"merged {len(args.merge)} parts into {args.out}")
+        return 0
     if args.speed_only:
         write_json(Path(args.out), {"benchmark": "recon_init speed check", "threads": args.threads,
                                     "speed_check": speed_check()})
         return 0
     downsample = 1
-    counts = {"random": args.num_gaussians or 20000, "fbp": args.num_gaussians or 20000, "3dgr": None}
-    residual = args.residual_gaussians or 8000
+    count = args.num_gaussians or 20000  # every init's initial count; the zero-shot residual takes what is left
+    counts = {**{m: count for m in ALL_INITS}, "3dgr": args.num_gaussians}  # 3dgr: its own 50k unless given
     if args.quick:
         downsample, args.views, args.iters, args.eval_every = 2, "40", min(args.iters, 150), 25
-        counts = {"random": args.num_gaussians or 3000, "fbp": args.num_gaussians or 3000,
-                  "3dgr": args.num_gaussians or 3000}
-        residual = args.residual_gaussians or 1500
+        counts = {m: args.num_gaussians or 3000 for m in ALL_INITS}
         # SIRT costs two voxel projections per pass (~15 s at 48^3, 40 views on a loaded machine): few passes
-        args.oracle_gaussians, args.oracle_iters, args.sart_iters, args.sirt_iters = 1500, 150, 10, 12
+        args.oracle_gaussians, args.oracle_iters = 512, 300
+        args.sart_iters, args.sirt_iters = min(args.sart_iters, 10), min(args.sirt_iters, 12)
         args.residual_fit_iters = min(args.residual_fit_iters, 60)
     inits = [m.strip() for m in args.inits.split(",") if m.strip()]
     checkpoint = Path(args.checkpoint) if args.checkpoint else bundled_weights()
@@ -384,10 +442,14 @@ def main() -> int:
             print(f"{vname} {views} views: {tuple(mu.shape)}, FDK {scan['fdk_psnr']:.2f} dB", flush=True)
             scan["rtk"] = rtk_runs(data, rng, args.sart_iters)
             print(f"  RTK: { {k: v.get('psnr') for k, v in scan['rtk'].items() if isinstance(v, dict)} }", flush=True)
-            scan["sirt"] = sirt_run(data, rng, args.sirt_iters)
-            print(f"  SIRT (ours): {scan['sirt']['psnr']:.2f} dB (best {scan['sirt']['best_psnr']:.2f})", flush=True)
+            if args.sirt_iters > 0:
+                scan["sirt"] = sirt_run(data, rng, args.sirt_iters)
+                print(f"  SIRT (ours): {scan['sirt']['psnr']:.2f} dB (best {scan['sirt']['best_psnr']:.2f})",
+                      flush=True)
+            else:
+                scan["sirt"] = {"skipped": "--sirt-iters 0"}
             cfg = FitConfig(iters=args.iters, eval_every=args.eval_every, views_per_iter=args.views_per_iter,
-                            lr_horizon=args.lr_horizon, grad_threshold=args.grad_threshold,
+                            lr_horizon=args.lr_horizon, lr_intensity=args.lr_intensity, grad_threshold=args.grad_threshold,
                             densify_fraction=args.densify_fraction, seed=args.seed)
             scan["fit_config"] = cfg.to_dict()
             max_intensity = default_max_intensity(fdk)
@@ -404,7 +466,7 @@ def main() -> int:
                 print(f"  {method}:", flush=True)
                 try:
                     runs[method] = fit_run(method, data, fdk, cfg,
-                                           num_gaussians=counts.get(method, residual), checkpoint=checkpoint,
+                                           num_gaussians=counts[method], checkpoint=checkpoint,
                                            prediction=prediction, max_intensity=max_intensity,
                                            residual_fit_iters=args.residual_fit_iters, seed=args.seed,
                                            fdk_psnr=scan["fdk_psnr"], rng=rng)
@@ -414,21 +476,14 @@ def main() -> int:
                 except (ValueError, FileNotFoundError) as exc:
                     runs[method] = {"method": method, "failed": f"{type(exc).__name__}: {exc}"}
             scan["runs"] = runs
-            scan["ratios_to_3dgr"] = ratio_table(runs)
-            best = max((r["final_psnr"] for r in runs.values() if "final_psnr" in r), default=None)
-            sart = scan["rtk"].get("sart", {}).get("best_psnr") if isinstance(scan["rtk"], dict) else None
-            scan["targets"] = {"best_gaussian_psnr": best,
-                               "best_over_fdk": None if best is None else best - scan["fdk_psnr"],
-                               "quality_target_4db": None if best is None else best - scan["fdk_psnr"] >= 4.0,
-                               "at_or_above_rtk_sart": None if best is None or sart is None else best >= sart,
-                               "at_or_above_own_sirt": None if best is None else best >= scan["sirt"]["best_psnr"]}
+            summarise_scan(scan)
             scans.append(scan)
     speed = None if args.no_speed_check else speed_check()
     out = Path(args.out)
     payload = {"benchmark": "recon_init", "quick": args.quick, "checkpoint": ck_info,
                "threads": args.threads, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
                "wall_seconds": time.perf_counter() - t_start, "iters": args.iters, "inits": inits,
-               "counts": {**counts, "residual": residual}, "oracle": {"gaussians": args.oracle_gaussians,
+               "counts": counts, "oracle": {"gaussians": args.oracle_gaussians,
                                                                      "iters": args.oracle_iters},
                "speed_check": speed, "scans": scans}
     write_json(out, payload)

@@ -37,15 +37,15 @@ def reset_json_lines_used() -> None:
     _counts["json_reporters"] = 0
 
 
-def _jsonable(value: Any) -> Any:
+def json_plain(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: json_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [json_plain(v) for v in value]
     return value
 
 
@@ -74,7 +74,7 @@ class ProgressReporter:
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"event": event, "command": self.command, "time": round(time.time() - self._t0, 3)}
-        record.update(_jsonable(fields))
+        record.update(json_plain(fields))
         if self.json_lines and event == "error":
             _counts["error_events"] += 1
         if self.json_lines:
@@ -93,7 +93,7 @@ class ProgressReporter:
             self.emit("progress", step=step, total=self.total, **metrics)
         elif self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in _jsonable(metrics).items()},
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in json_plain(metrics).items()},
                                   refresh=False)
             self._bar.refresh()
 

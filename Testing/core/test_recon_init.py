@@ -176,11 +176,12 @@ def test_oracle_conversion_starts_within_1db_of_the_fit(one_torch_thread):
     own = psnr(render_volume(fit, shape)[0], v, 1.0)  # the fit's own PSNR (model units, range 1)
     project = GeometryProjector(data.geometry)
     g, info = initialise_calibrated("oracle", fbp_volume=fbp, extent_mm=extent, project=lambda x: project(x),
-                                    measured=data.projections, prediction=(fit, lo, hi), num_gaussians=800)
+                                    measured=data.projections, prediction=(fit, lo, hi), num_gaussians=1600)
     start = psnr(render_volume(g, shape)[0], mu, rng)
     assert start >= own - 1.0, (start, own)
     assert 0.8 < info["gain_converted"] < 1.25 and 0.8 < info["gain_residual"] < 1.25  # the units are right
     assert g.num_gaussians == info["predicted_gaussians"] + info["residual_gaussians"]
+    assert info["residual_gaussians"] == 1600 - fit.num_gaussians  # num_gaussians is the total, as for fbp
     # the slope-only conversion (the old one: no offset, no residual, one gain) starts far lower
     old, gain = calibrate_intensities(slope_converted(fit, lo, hi), lambda x: project(x), data.projections)
     assert psnr(render_volume(old, shape)[0], mu, rng) < own - 4.0 and gain > 2.0
