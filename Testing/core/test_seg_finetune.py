@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from medgmae_core.cli import main
 from medgmae_core.commands import finetune as finetune_command
-from medgmae_core.seg import finetune
 from medgmae_core.data.volumes import read_volume
+from medgmae_core.model import get_config
+from medgmae_core.seg import finetune
+from medgmae_core.seg.cases import select_fraction
+from medgmae_core.seg.evaluate import evaluate_files
 from medgmae_core.seg.labels import LabelMap, sidecar_path
+from medgmae_core.seg.segment import segment
+from medgmae_core.seg.settings import FinetuneSettings
+from medgmae_core.seg.unetr import UNETR
 from medgmae_core.train.checkpoint import load_checkpoint
 
 STEPS = 24
@@ -31,7 +38,7 @@ def ts(shared_ct):
     return shared_ct / "totalsegmentator"
 
 
-def _args(*argv: str) -> finetune.FinetuneSettings:
+def _args(*argv: str) -> FinetuneSettings:
     parser = argparse.ArgumentParser()
     finetune_command.add_arguments(parser)
     return finetune_command.settings_from_args(parser.parse_args(list(argv)))
@@ -93,9 +100,6 @@ def test_checkpoint_carries_labels_and_resumes(run, ts, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_segment_nifti_keeps_grid_and_scores(run, ts, tmp_path):
-    from medgmae_core.cli import main
-    from medgmae_core.seg.evaluate import evaluate_files
-
     out, _ = run
     pred = tmp_path / "seg.nii.gz"
     assert main(["segment", str(ts / "example_ct_sm.nii.gz"), "--checkpoint", str(out / "last.pt"),
@@ -115,8 +119,6 @@ def test_segment_nifti_keeps_grid_and_scores(run, ts, tmp_path):
 
 @pytest.mark.slow
 def test_segment_dicom_series_keeps_its_grid(run, ts, tmp_path):
-    from medgmae_core.seg.segment import segment
-
     out, _ = run
     pred = tmp_path / "dicom_seg.nii.gz"
     summary = segment(ts / "example_ct_dicom", out / "last.pt", pred)
@@ -126,8 +128,6 @@ def test_segment_dicom_series_keeps_its_grid(run, ts, tmp_path):
     assert np.allclose(got.affine, ct.affine, atol=1e-4)
     assert summary["shape"] == [512, 512, 20]
     # the NIfTI export of the same series has a flipped axis; evaluate realigns it
-    from medgmae_core.seg.evaluate import evaluate_files
-
     res = evaluate_files(pred, ts / "example_seg_dicom.nii.gz", labels=ts / "labels_total_v2.json",
                          classes="liver", with_hd95=False)
     assert res["classes"]["liver"]["ref_voxels"] > 0
@@ -154,20 +154,17 @@ def test_data_errors(ts, tmp_path):
 
 
 def test_label_fraction_is_deterministic():
-    a = finetune.select_fraction(100, 0.1, seed=3)
-    assert a == finetune.select_fraction(100, 0.1, seed=3) and len(a) == 10
-    assert a != finetune.select_fraction(100, 0.1, seed=4)
-    assert set(finetune.select_fraction(100, 0.01, seed=3)) <= set(range(100))
-    assert len(finetune.select_fraction(50, 0.01, seed=0)) == 1  # at least one case
-    assert finetune.select_fraction(7, 1.0, seed=0) == list(range(7))
+    a = select_fraction(100, 0.1, seed=3)
+    assert a == select_fraction(100, 0.1, seed=3) and len(a) == 10
+    assert a != select_fraction(100, 0.1, seed=4)
+    assert set(select_fraction(100, 0.01, seed=3)) <= set(range(100))
+    assert len(select_fraction(50, 0.01, seed=0)) == 1  # at least one case
+    assert select_fraction(7, 1.0, seed=0) == list(range(7))
     with pytest.raises(ValueError, match="label-fraction"):
-        finetune.select_fraction(10, 0.0, seed=0)
+        select_fraction(10, 0.0, seed=0)
 
 
 def test_layer_decay_groups():
-    from medgmae_core.model import get_config
-    from medgmae_core.seg.unetr import UNETR
-
     net = UNETR(get_config("tiny", img_size=24, embed_dim=48, num_heads=2, depth=4), 3, feature_size=4)
     groups = finetune.layer_decay_param_groups(net, 1e-3, 0.05, 0.5)
     by_layer = {g["layer"]: g["lr"] for g in groups}

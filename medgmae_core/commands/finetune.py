@@ -1,6 +1,6 @@
-"""``medgmae finetune``: the command over ``seg.finetune`` (UNETR from a pre-trained encoder).
+"""``medgmae finetune``: the command over ``seg.finetune.run`` (UNETR from a pre-trained encoder).
 
-Settings: ``seg.finetune.FinetuneSettings``'s defaults < ``--config`` YAML (flat; keys are the python names of the
+Settings: ``seg.settings.FinetuneSettings``'s defaults < ``--config`` YAML (flat; keys are the python names of the
 flags, e.g. ``batch_size: 4``) < flags. Flag names follow ``commands.options``; the old spellings ``--warmup``,
 ``--roi``, ``--spacing``, ``--json-lines`` and ``--config SIZE`` still work (hidden) for one release.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..model.configs import CONFIG_NAMES as MODEL_SIZES
-from ..seg.finetune import FinetuneSettings, run
+from ..seg.finetune import run
+from ..seg.settings import FinetuneSettings
 from ..train.settings import read_settings_yaml
 from .options import add_option, add_resume, int_triple
 

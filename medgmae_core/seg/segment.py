@@ -19,14 +19,12 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from ..data.readers import read_ct
-from ..data.transforms import check_resample_size, inference_transforms
+from ..data.transforms import HU_WINDOW, check_resample_size, inference_transforms
 from ..data.volumes import resample_nearest, write_nifti
 from ..errors import StagedOutputs, make_output_dir
 from ..train.checkpoint import load_checkpoint
 from .labels import LabelMap, sidecar_path
-from .unetr import UNETR, build_unetr
-
-SEG_TASK = "segmentation"
+from .unetr import SEG_TASK, UNETR, build_unetr
 
 
 @dataclass
@@ -59,14 +57,12 @@ class Segmenter:
         spacing = extra.get("spacing_mm")
         return cls(model, LabelMap.from_dict(extra["labels"], origin=f"{origin} labels"),
                    tuple(float(s) for s in spacing) if spacing else None,
-                   tuple(float(w) for w in extra.get("hu_window", (-175.0, 250.0))))  # type: ignore[arg-type]
+                   tuple(float(w) for w in extra.get("hu_window", HU_WINDOW)))  # type: ignore[arg-type]
 
     # -------------------------------------------------------------- pipeline
     def load(self, path: str | Path):
         """The CT as loaded (MetaTensor ``[1, X, Y, Z]`` in HU on the file's grid), through the one reader every
         command uses (``data.readers.read_ct``: errors name the file, DICOM series are checked)."""
-
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"input CT not found: {path}")

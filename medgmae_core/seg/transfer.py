@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.configs import ModelConfig, get_config
+from ..train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,7 @@ def read_pretrained(source: str | Path | Mapping[str, Any]) -> PretrainedEncoder
             raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         if isinstance(raw, Mapping) and "format" in raw:
-            from ..train.checkpoint import load_checkpoint  # checks our format, clear errors
-
-            raw = load_checkpoint(path)
+            raw = load_checkpoint(path)  # checks our format, clear errors
     else:
         raw = source
     config = None

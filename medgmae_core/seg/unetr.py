@@ -9,7 +9,8 @@ spaced layers (:func:`skip_layers`), and the decoder's four upsampling stages mu
 MONAI's ``UnetrPrUpBlock`` with a factor per stage.
 
 As in pre-training the cls token is prepended to the patch tokens (it is dropped from the skips), so
-the transformer sees the token layout it was trained on.
+the transformer sees the token layout it was trained on. A fine-tuned checkpoint is marked
+``extra["task"] == SEG_TASK`` and carries :meth:`UNETR.architecture`, from which :func:`build_unetr` rebuilds it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from torch import nn
 
 from ..model.configs import ModelConfig
 from ..model.vit import ViTEncoder3D
+
+SEG_TASK = "segmentation"  # ``extra["task"]`` of a fine-tuned UNETR checkpoint (written by finetune, read by segment)
 
 
 def skip_layers(depth: int, num_skips: int = 3) -> tuple[int, ...]:
