@@ -4,7 +4,8 @@ The orientation rule (one, for every reader and writer): an image is ``(array, a
 file's own voxel order ``[i, j, k]`` and ``affine`` the 4x4 map from voxel index to RAS millimetres. Nothing is
 reoriented or resampled on reading: NIfTI keeps its stored voxel order and affine (nibabel), NRRD / MetaImage and
 DICOM series (SimpleITK, LPS) get the equivalent RAS affine. Code that needs a canonical orientation says so where
-it happens (the model's inputs: ``inference.prepare_ct`` and MONAI ``Orientationd("RAS")``); grids are compared
+it happens, with ``closest_ras`` (the model's inputs in ``inference.prepare_ct``, simulated scans in
+``recon.simulation``) or MONAI ``Orientationd("RAS")`` in the training pipelines; grids are compared
 and resampled here (``same_grid``, ``reorient_to``, ``resample_*``). Writing is NIfTI with that affine as qform
 and sform, atomic (temporary file, then rename).
 
@@ -94,6 +95,17 @@ def resample_linear(array: np.ndarray, affine: np.ndarray, out_shape, out_affine
     m = voxel_map(affine, out_affine)
     return ndimage.affine_transform(np.asarray(array, dtype=np.float32), m[:3, :3], m[:3, 3],
                                     output_shape=tuple(int(s) for s in out_shape), order=1, mode="nearest")
+
+
+def closest_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical orientation, where one is needed: ``array`` flipped / permuted to the closest RAS axes and
+    its affine to match (no resampling; nibabel's ``as_closest_canonical``, MONAI's ``Orientationd("RAS")``)."""
+    import nibabel as nib  # lazy: only the callers that reorient need it (nibabel is a dependency)
+
+    array = np.asarray(array)
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(array, ornt))
+    return out, np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, array.shape)
 
 
 def reorient_to(array: np.ndarray, affine: np.ndarray, ref_shape, ref_affine: np.ndarray, *,

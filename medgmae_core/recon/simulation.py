@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 
+from ..data.volumes import closest_ras
 from ..spatial import spacing_of
 from ..xray.geometry import ConeBeam, ParallelBeam
 from ..xray.voxel_projector import project_volume
@@ -77,14 +77,11 @@ def load_ct_volume(path: str | Path, *, crop: str | None = None, downsample: int
     if not path.exists():
         raise FileNotFoundError(f"CT volume not found: {path}")
     # lazy: data.readers loads MONAI and SimpleITK (heavy), needed only when a CT is read
-    from ..data.readers import NIFTI_SUFFIXES, has_suffix, read_ct
+    from ..data.readers import read_ct
 
     # the one reader every command uses: errors name the file, [X, Y, Z, 1] is 3D, DICOM series are checked
     hu, affine = read_ct(path, what="CT volume", check_ct=False)
-    if has_suffix(path, NIFTI_SUFFIXES):  # RAS index order, like nib.as_closest_canonical
-        ornt = nib.orientations.io_orientation(affine)
-        affine = affine @ nib.orientations.inv_ornt_aff(ornt, hu.shape)
-        hu = np.ascontiguousarray(nib.orientations.apply_orientation(hu, ornt), dtype=np.float32)
+    hu, affine = closest_ras(hu.astype(np.float32, copy=False), affine)  # RAS index order, any format
     sl = parse_crop(crop, hu.shape)
     hu = hu[sl]
     affine = np.asarray(affine, dtype=np.float64).copy()
