@@ -25,13 +25,15 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import Transform
 from torch.utils.data import DataLoader, Sampler
 
-from .volumes import read_datalist
-
+from ..errors import NoUsableInputError  # a user error (exit 2), and still a RuntimeError
+from .phantom import make_phantom
 from .readers import VOLUME_SUFFIXES, dicom_series_files, has_suffix, read_header
 from .transforms import KEY, augment_transforms, preprocess_transforms, root_exception
+from .volumes import read_datalist
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,6 @@ def validate_volumes(cases: Sequence[dict[str, Any]], report: SkipReport) -> lis
 def phantom_cases(n: int, shape: Sequence[int] = (128, 128, 96), spacing_mm: float = 1.5,
                   seed: int = 0) -> list[dict[str, Any]]:
     """``n`` generated phantoms (seeds ``seed .. seed+n-1``) as in-memory cases (HU, channel-first)."""
-    from monai.data import MetaTensor
-
-    from .phantom import make_phantom
-
     if n < 1:
         raise ValueError(f"number of phantoms must be >= 1, got {n}")
     cases = []
@@ -206,8 +204,6 @@ class PretrainCrops(torch.utils.data.Dataset):
                  spacing_mm: float | Sequence[float] = 1.5, crops_per_case: int = 3, pos: float = 3.0,
                  neg: float = 1.0, seed: int = 0, cache: str = "none", cache_dir: str | Path | None = None,
                  cache_workers: int = 0) -> None:
-        from monai.data import CacheDataset, Dataset, PersistentDataset
-
         if not cases:
             raise ValueError("no input volumes to train on")
         self.cases = list(cases)
@@ -258,8 +254,6 @@ class PretrainCrops(torch.utils.data.Dataset):
                 self._bad.add(idx)
                 name = self.cases[idx]["name"]
                 skipped.append((name, error_message(exc).removeprefix(f"{name}: ")))
-        from ..errors import NoUsableInputError  # a user error (exit 2), and still a RuntimeError
-
         detail = "; ".join(f"{name}: {r}" for name, r in skipped)
         raise NoUsableInputError(f"none of the {n} input volumes could be loaded ({detail})")
 

@@ -302,7 +302,7 @@ def write_phantom_nifti(out_dir: str | Path, shape: tuple[int, int, int] = (128,
                         spacing_mm: float | tuple[float, float, float] = 1.5, seed: int = 0,
                         name: str = "phantom") -> dict[str, Path]:
     """Write ``{name}_ct.nii.gz`` (int16 HU) and ``{name}_labels.nii.gz`` (uint8); return their paths."""
-    import nibabel as nib
+    import nibabel as nib  # lazy: data.phantom stays numpy/scipy only (data/__init__.py)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

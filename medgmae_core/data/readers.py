@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 from monai.data.image_reader import ImageReader
 
+from .. import spatial
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,6 @@ def has_suffix(path: str | Path, suffixes: Sequence[str]) -> bool:
 
 def dicom_series_files(folder: str | Path) -> list[str]:
     """Files of the largest DICOM series in ``folder`` (sorted by GDCM), or [] if there is none."""
-    import SimpleITK as sitk
-
     folder = str(folder)
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is an answer, not a problem
@@ -82,8 +83,6 @@ class _QuietITK:
     """Silence ITK's own stderr warnings (e.g. "Non uniform sampling") while reading: we report problems ourselves."""
 
     def __enter__(self):
-        import SimpleITK as sitk
-
         self._sitk = sitk
         self._warn = sitk.ProcessObject.GetGlobalWarningDisplay()
         sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -136,8 +135,6 @@ class SeriesCheck:
 
 def check_dicom_series(folder: str | Path, files: Sequence[str] | None = None) -> SeriesCheck:
     """Check a DICOM series before stacking it: unreadable files, orientation, slice size, even slice positions."""
-    import SimpleITK as sitk
-
     folder = Path(folder)
     files = list(files if files is not None else dicom_series_files(folder))
     in_series = {str(Path(f).resolve()) for f in files}
@@ -216,8 +213,6 @@ def read_dicom_series(folder: str | Path, files: Sequence[str] | None = None, *,
     linearly resamples the readable slices onto a uniform grid at the series' spacing, from the first slice
     to the last.
     """
-    import SimpleITK as sitk
-
     folder = Path(folder)
     resample = resample_dicom_default() if resample is None else bool(resample)
     files = list(files if files is not None else dicom_series_files(folder))
@@ -253,8 +248,6 @@ def read_dicom_series(folder: str | Path, files: Sequence[str] | None = None, *,
 
 
 def _failing_files(files: Sequence[str]) -> list[str]:
-    import SimpleITK as sitk
-
     bad = []
     with _QuietITK():
         for f in files:
@@ -267,8 +260,6 @@ def _failing_files(files: Sequence[str]) -> list[str]:
 
 def _resample_slices(image, check: SeriesCheck):
     """Linear interpolation of the stacked slices (at ``check.positions``) onto uniform positions."""
-    import SimpleITK as sitk
-
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # [k, j, i], slices in check.files order
     pos = check.positions - check.positions[0]
     n = int(round(pos[-1] / check.step)) + 1
@@ -307,8 +298,6 @@ class SimpleITKReader(ImageReader):
         return len(names) == 1 and (has_suffix(names[0], ITK_SUFFIXES) or Path(names[0]).is_dir())
 
     def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any):
-        import SimpleITK as sitk
-
         path = Path(data if isinstance(data, (str, Path)) else list(data)[0])
         if path.is_dir():
             return read_dicom_series(path)
@@ -316,8 +305,6 @@ class SimpleITKReader(ImageReader):
             return sitk.ReadImage(str(path))
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
-        import SimpleITK as sitk
-
         if img.GetDimension() != 3:
             raise ValueError(f"expected a 3D image, got {img.GetDimension()}D")
         if img.GetNumberOfComponentsPerPixel() != 1:
@@ -350,8 +337,6 @@ def read_header(path: str | Path) -> VolumeHeader:
     path = Path(path)
     try:
         if path.is_dir():
-            import SimpleITK as sitk
-
             files = dicom_series_files(path)
             if not files:
                 raise ValueError("no DICOM series found in this folder")
@@ -361,13 +346,9 @@ def read_header(path: str | Path) -> VolumeHeader:
             size = list(info.GetSize())[:2]
             return VolumeHeader(shape=(*size, len(files)), spacing=tuple(info.GetSpacing()))
         if has_suffix(path, NIFTI_SUFFIXES):
-            import nibabel as nib
-
             img = nib.load(str(path))
             shape = tuple(int(n) for n in img.shape)
             return VolumeHeader(shape=shape, spacing=tuple(float(s) for s in img.header.get_zooms()))
-        import SimpleITK as sitk
-
         info = sitk.ImageFileReader()
         info.SetFileName(str(path))
         info.ReadImageInformation()
@@ -401,8 +382,6 @@ def read_image(path: str | Path, *, what: str = "image") -> tuple[np.ndarray, np
     singleton axes are dropped (``[X, Y, Z, 1]`` -> ``[X, Y, Z]``); any other non-3D image is refused. The
     affine must be finite and invertible (positive, finite voxel spacing).
     """
-    from .. import spatial
-
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -415,15 +394,11 @@ def read_image(path: str | Path, *, what: str = "image") -> tuple[np.ndarray, np
             array, meta = reader.get_data(read_dicom_series(path, files))
             affine = np.asarray(meta["affine"], dtype=np.float64)
         elif has_suffix(path, NIFTI_SUFFIXES):
-            import nibabel as nib
-
             if path.stat().st_size == 0:
                 raise InputError(f"cannot read {what} {path}: empty file")
             img = nib.load(str(path))
             array, affine = np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
         elif has_suffix(path, ITK_SUFFIXES):
-            import SimpleITK as sitk
-
             if path.stat().st_size == 0:
                 raise InputError(f"cannot read {what} {path}: empty file")
             with _QuietITK():
@@ -469,7 +444,7 @@ def read_image(path: str | Path, *, what: str = "image") -> tuple[np.ndarray, np
 def read_ct(path: str | Path, *, what: str = "CT", check_ct: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """:func:`read_image` plus the CT checks: at least 2 voxels per axis, finite values and (``check_ct``)
     Hounsfield-like intensities (``data.transforms.ct_intensity_problem``). Returns float32 HU and the affine."""
-    from .transforms import NotCTError, ct_intensity_problem
+    from .transforms import NotCTError, ct_intensity_problem  # lazy: data.transforms imports this module (cycle)
 
     array, affine = read_image(path, what=what)
     if min(array.shape) < 2:

@@ -15,10 +15,12 @@ Steps 1-5 are deterministic (``preprocess_transforms``, what a cache stores);
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -36,8 +38,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from ..errors import InputError
-from .readers import SimpleITKReader
+from ..errors import InputError, SizeLimitError, available_memory_bytes
+from .readers import SimpleITKReader, read_image
 
 HU_WINDOW: tuple[float, float] = (-175.0, 250.0)
 KEY = "image"
@@ -140,8 +142,6 @@ def check_resample_size(shape: Sequence[int], spacing: Sequence[float], target: 
     is the user's override of both. Logs a warning for every axis upsampled by more than
     :data:`UPSAMPLE_WARN_FACTOR`. Returns the prepared shape.
     """
-    from ..errors import SizeLimitError, available_memory_bytes
-
     spacing = [float(v) for v in spacing]
     if target is not None:
         t = np.broadcast_to(np.asarray(target, dtype=np.float64), (3,))
@@ -171,8 +171,6 @@ def check_resample_size(shape: Sequence[int], spacing: Sequence[float], target: 
         for axis, (n_old, n_new) in enumerate(zip(shape, new)):
             factor = (n_new - 1) / max(1, int(n_old) - 1)
             if factor > UPSAMPLE_WARN_FACTOR:
-                import logging
-
                 logging.getLogger(__name__).warning(
                     "%s: upsampling axis %d by %.1fx (%d -> %d voxels, %.3g mm -> %.3g mm): the result is interpolated "
                     "from a much coarser CT", what, axis, factor, int(n_old), n_new, spacing[axis],
@@ -192,10 +190,6 @@ class LoadCTd(LoadImaged):
         super().__init__(keys=keys, reader=SimpleITKReader(), image_only=True, dtype=np.float32)
 
     def __call__(self, data, reader=None):
-        from monai.data import MetaTensor
-
-        from .readers import read_image
-
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])

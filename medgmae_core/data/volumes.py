@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
+
+from ..errors import atomic_path
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Volume:
 def read_volume(path: str | Path, *, what: str = "image") -> Volume:
     """A 3D volume from a NIfTI file, a DICOM series folder, or an NRRD/MHA file: ``data.readers.read_image``,
     the one reader every command uses (errors name the file; ``[X, Y, Z, 1]`` is 3D; DICOM series checked)."""
-    from .readers import read_image  # SimpleITK / MONAI: heavy, loaded on first read
+    from .readers import read_image  # lazy: MONAI and SimpleITK (~2.5 s); inference and export.nifti import this module
 
     array, affine = read_image(path, what=what)
     return Volume(array, affine, str(path))
@@ -53,10 +56,6 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path
 
     Atomic: written to a temporary file beside ``path`` (registered with ``errors``, so a failed command removes
     it), then renamed; a full disk never leaves a partial NIfTI under the final name."""
-    import nibabel as nib
-
-    from ..errors import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
@@ -80,7 +79,7 @@ def resample_nearest(array: np.ndarray, affine: np.ndarray, out_shape, out_affin
                      *, fill: int = 0, mode: str = "constant") -> np.ndarray:
     """Nearest-neighbour resampling of a label array onto another grid (exact output shape).
     ``mode="nearest"`` extends edge labels to output voxels just outside the input grid."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy: ~0.3 s, and inference / export.nifti (light paths) import this module
 
     m = voxel_map(affine, out_affine)
     return ndimage.affine_transform(array, m[:3, :3], m[:3, 3], output_shape=tuple(int(s) for s in out_shape),
@@ -90,7 +89,7 @@ def resample_nearest(array: np.ndarray, affine: np.ndarray, out_shape, out_affin
 def resample_linear(array: np.ndarray, affine: np.ndarray, out_shape, out_affine: np.ndarray) -> np.ndarray:
     """Trilinear resampling of an intensity array onto another grid (exact output shape, float32); output voxels
     just outside the input grid take the nearest edge value."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy: ~0.3 s, and inference / export.nifti (light paths) import this module
 
     m = voxel_map(affine, out_affine)
     return ndimage.affine_transform(np.asarray(array, dtype=np.float32), m[:3, :3], m[:3, 3],
@@ -100,8 +99,6 @@ def resample_linear(array: np.ndarray, affine: np.ndarray, out_shape, out_affine
 def closest_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The canonical orientation, where one is needed: ``array`` flipped / permuted to the closest RAS axes and
     its affine to match (no resampling; nibabel's ``as_closest_canonical``, MONAI's ``Orientationd("RAS")``)."""
-    import nibabel as nib  # lazy: only the callers that reorient need it (nibabel is a dependency)
-
     array = np.asarray(array)
     ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
     out = np.ascontiguousarray(nib.orientations.apply_orientation(array, ornt))
