@@ -26,10 +26,12 @@ line instead of a list of mismatched weights.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, OutputError, os_error_reason, remove_stale_temp_files, track_temp, untrack_temp
+from ..errors import (InputError, OutputError, current_command, os_error_reason, remove_stale_temp_files, track_temp,
+                      untrack_temp)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,6 @@ def require_kind(ckpt: dict[str, Any], path: str | Path, expected: str, needed_b
     if kind == expected:
         return
     if needed_by is None:
-        from ..errors import current_command
-
         command = current_command()
         needed_by = f"`medgmae {command}`" if command else "this step"
     short = {PRETRAINING: "pre-training", SEGMENTATION: "segmentation (finetune)",
@@ -163,9 +164,6 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` over ``path``."""
-    import errno
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = track_temp(path.parent / f".{path.name}.{os.getpid()}.tmp")
@@ -319,6 +317,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, needed_b
     checkpoint (segmentation, reconstruction) is refused in one line naming both kinds (``needed_by``: who
     needs it, default the running command).
     """
+    # lazy: model loads MONAI (~2 s); this module stays light for the CLI and Slicer (train/__init__.py)
     from ..model import ModelConfig, build_model
 
     ckpt = load_checkpoint(path, map_location="cpu")

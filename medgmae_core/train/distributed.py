@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Mod
     """DistributedDataParallel around ``model`` when there are several processes."""
     if not info.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

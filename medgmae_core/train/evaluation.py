@@ -14,7 +14,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..data.phantom import LABEL_IDS, make_phantom
+from ..data.transforms import window_hu
+from ..data.volumes import read_volume
 from ..gaussians import GaussianSet
+from ..inference import extract_window, prepare_ct
 
 HELDOUT_PHANTOM_SEED = 1000  # training uses phantom seeds 0..N-1; held-out phantoms start here
 BODY_THRESHOLD = 0.1  # windowed value ~ -132 HU: between air/lung and fat
@@ -49,9 +53,6 @@ def window_offsets(shape: Sequence[int], window: int, count: int) -> list[tuple[
 
 def ct_windows(path, count: int = 4, window: int = 96, spacing_mm: float = 1.5) -> list[EvalWindow]:
     """``count`` windows of a CT file, prepared as for training (smaller axes are zero-padded, centred)."""
-    from ..inference import extract_window, prepare_ct
-    from ..data.volumes import read_volume
-
     vol = read_volume(path)
     prepared = prepare_ct(vol.array, vol.affine, spacing_mm=spacing_mm)
     shape = prepared.shape
@@ -65,10 +66,6 @@ def ct_windows(path, count: int = 4, window: int = 96, spacing_mm: float = 1.5) 
 def phantom_windows(count: int = 4, seed: int = HELDOUT_PHANTOM_SEED, shape=(128, 128, 96),
                     window: int = 96) -> list[EvalWindow]:
     """One window per phantom (seeds ``seed, seed + 1, ...``), at a corner chosen by the seed."""
-    from ..data.phantom import make_phantom
-    from ..data.transforms import window_hu
-    from ..inference import extract_window
-
     out = []
     for i in range(count):
         ph = make_phantom(tuple(shape), spacing_mm=1.5, seed=seed + i)
@@ -115,8 +112,6 @@ def evaluate_masked(model, windows: Sequence[EvalWindow], *, mask_ratio: float |
     voxels), their PSNRs (data range 1), and for Gaussian models the median largest sigma in voxels; for
     phantoms the Dice of the thresholded prediction against the organ labels inside the masked region.
     """
-    from ..data.phantom import LABEL_IDS
-
     was_training = model.training
     model.eval()
     rows, sigmas = [], []

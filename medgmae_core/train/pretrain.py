@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import yaml
 
+from ..data.datasets import (PretrainCrops, SkipReport, crop_batches, derive_seed, discover_volumes, parse_phantom_spec,
+                             phantom_cases, validate_volumes)
 from ..errors import make_output_dir, track_temp, untrack_temp
 from ..export.figures import loss_curve_png
 from ..model import ModelConfig, build_model
@@ -48,9 +50,6 @@ MEMORY_CACHE_MAX_CASES = 16  # cache="auto" keeps up to this many preprocessed v
 # ------------------------------------------------------------------ pieces of a run
 def build_data(cfg: PretrainSettings, report, verbose: bool = True):
     """The crop dataset for these settings; bad inputs go into ``report``."""
-    from ..data.datasets import (PretrainCrops, discover_volumes, parse_phantom_spec,  # MONAI: heavy
-                                 phantom_cases, validate_volumes)
-
     cases, n_phantoms = [], 0
     for spec in cfg.data:
         n = parse_phantom_spec(spec)
@@ -104,8 +103,6 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
 
 def run(explicit: dict[str, Any], device: torch.device, info) -> int:
     """Train with the user's ``explicit`` settings on ``device``; returns the exit code."""
-    from ..data.datasets import SkipReport, crop_batches, derive_seed  # MONAI: heavy, loaded when a run starts
-
     defaults = {k: v for k, (v, _) in SETTINGS.items()}
     out_dir = Path(explicit.get("out_dir", defaults["out_dir"])).expanduser()
     resume_path = resolve_resume(explicit.get("resume"), out_dir)
