@@ -24,6 +24,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -128,7 +130,6 @@ def exp_constants(dtype) -> "np.ndarray":
     Pass them into float32 kernels as typed scalars: a Python float literal would
     promote the polynomial to float64 and halve the SIMD width.
     """
-    import numpy as np
     return np.array([1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120], dtype=dtype)
 
 

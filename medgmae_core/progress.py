@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 
 _counts = {"error_events": 0, "json_reporters": 0}
 
@@ -68,7 +70,6 @@ class ProgressReporter:
         if json_lines:
             _counts["json_reporters"] += 1
         else:
-            from tqdm import tqdm
             self._bar = tqdm(total=self.total, initial=initial, desc=command, file=sys.stderr,
                              dynamic_ncols=True)
 

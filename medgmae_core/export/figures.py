@@ -157,6 +157,7 @@ def overview_png(path: str | Path, *, ct, prediction=None, mask=None, gaussians:
     import matplotlib  # lazy: heavy, loaded when a figure is drawn
 
     matplotlib.use("Agg", force=False)
+    # lazy: as above; pyplot only once the Agg backend is chosen
     import matplotlib.pyplot as plt
     from matplotlib.collections import EllipseCollection
     from matplotlib.colors import ListedColormap
