@@ -45,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if not 0.0 <= args.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
-    # lazy: optional dependency (the [viewer] extra: trame, VTK), needed only when the viewer starts
+    # lazy: the viewer loads MONAI, SimpleITK and numba (seconds) and then trame / VTK (the optional [viewer] extra);
+    # `medgmae view --help` and option errors stay fast
     from ..viewer.app import ViewerApp
     from ..viewer.session import ViewerSession
 

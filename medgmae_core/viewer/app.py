@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _web():
-    try:
+    try:  # lazy: optional dependency (the [viewer] extra: trame, trame-vtk, trame-vuetify)
         from trame.app import asynchronous, get_server
         from trame.ui.vuetify3 import SinglePageLayout
         from trame.widgets import html, vtk as vtk_widgets, vuetify3 as v3

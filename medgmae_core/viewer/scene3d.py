@@ -7,12 +7,13 @@ import os
 
 import numpy as np
 
+from ..export.glyphs import glyph_counts
 
 
 class Scene3D:
     def __init__(self, size: tuple[int, int] = (520, 520)) -> None:
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-        import vtk
+        import vtk  # lazy: optional dependency (the [viewer] extra; slicer-core brings VTK); after the window choice
 
         self.vtk = vtk
         self.renderer = vtk.vtkRenderer()
@@ -60,7 +61,7 @@ class Scene3D:
     def set_volume(self, volume, ijk_to_ras, level: float = 0.45) -> None:
         """Surface of the display volume ``[I, J, K]`` (windowed [0, 1]) at ``level``, in RAS, and its outline."""
         vtk = self.vtk
-        from vtk.util import numpy_support as ns
+        from vtk.util import numpy_support as ns  # lazy: optional dependency (VTK), as in __init__
 
         arr = np.asarray(volume, dtype=np.float32)
         step = max(1, int(np.ceil(max(arr.shape) / 96)))  # a light surface: at most ~96 samples per axis
@@ -87,8 +88,6 @@ class Scene3D:
 
     def set_glyphs(self, polydata, indices, scalar_range: tuple[float, float] | None = None) -> None:
         """Show glyph polydata (``ViewerSession.glyph_polydata``); ``indices[j]`` is glyph ``j``'s Gaussian."""
-        from ..export.glyphs import glyph_counts
-
         self.glyph_indices = np.asarray(indices)
         self.triangles_per_glyph = glyph_counts()[1]
         mapper = self.glyph_mapper
@@ -149,7 +148,7 @@ class Scene3D:
     def screenshot(self) -> np.ndarray:
         """RGB ``uint8 [H, W, 3]`` of the current view."""
         vtk = self.vtk
-        from vtk.util import numpy_support as ns
+        from vtk.util import numpy_support as ns  # lazy: optional dependency (VTK), as in __init__
 
         self.window.Render()
         grab = vtk.vtkWindowToImageFilter()

@@ -29,9 +29,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import spatial
+from .. import inference, spatial  # inference.predict_volume is looked up when called (tests spy on it)
+from ..data.phantom import make_phantom
+from ..data.readers import read_ct, read_image
+from ..data.transforms import HU_WINDOW, NotCTError, ct_intensity_problem
+from ..export import nifti, ply, slicer_scene
+from ..export.figures import PLANES as FIG_PLANES, slice_ellipses, voxel_gaussians
+from ..export.glyphs import gaussian_glyph_polydata
+from ..export.ply import read_gaussians_ply
+from ..export.slicer_scene import node_ijk_to_ras, read_scene, volume_array
 from ..gaussians import GaussianSet
-from ..train.checkpoint import WEIGHTS_DIR, bundled_weights
+from ..inference import PreparedCT, prepare_ct
+from ..render import render_volume
+from ..train.checkpoint import WEIGHTS_DIR, bundled_weights, load_model
+
 PLANES = ("axial", "coronal", "sagittal")
 OUTPUT_VOLUMES = ("fit.nii.gz", "reconstruction_hu.nii.gz", "reconstruction.nii.gz", "prediction.nii.gz")
 EXPORT_NAMES = {"ply": "gaussians.ply", "nifti": "prediction.nii.gz", "mrb": "scene.mrb"}
@@ -128,15 +139,8 @@ class ViewerSession:
 
     def load(self, source: str | Path | None) -> "ViewerSession":
         """Load an input (module docstring). On any error the session keeps what it had and the error propagates."""
-        from ..data.readers import read_ct
-        from ..data.transforms import NotCTError
-        from ..export.ply import read_gaussians_ply
-        from ..inference import PreparedCT, prepare_ct
-
         gaussians = None
         if source is None or str(source).strip() == "":
-            from ..data.phantom import make_phantom
-
             ph = make_phantom(shape=self.phantom_shape, seed=self.seed)
             hu, affine = ph.hu, np.asarray(ph.affine, dtype=np.float64)
             kind, name = "phantom", f"built-in phantom (seed {self.seed})"
@@ -182,8 +186,6 @@ class ViewerSession:
 
     @staticmethod
     def _render(gaussians: GaussianSet, shape) -> torch.Tensor:
-        from ..render import render_volume
-
         vol = render_volume(gaussians.detach().to(torch.float32), tuple(shape))[0]
         top = float(torch.quantile(vol.flatten()[:: max(1, vol.numel() // 200_000)], 0.999)) if vol.numel() else 1.0
         return (vol / top).clamp(0, 1) if top > 1.0 else vol.clamp(0, 1)
@@ -191,12 +193,7 @@ class ViewerSession:
     @staticmethod
     def _output_folder_volume(folder: Path) -> tuple[np.ndarray, np.ndarray, bool]:
         """``(array, affine, in_hu)``: the demo's CT from ``scene.mrb``, else the folder's volume."""
-        from ..data.readers import read_image
-        from ..data.transforms import ct_intensity_problem
-
         if (folder / "scene.mrb").is_file():
-            from ..export.slicer_scene import node_ijk_to_ras, read_scene, volume_array
-
             hs = read_scene(folder / "scene.mrb")
             node = hs.scene.GetFirstNodeByName("CT")
             if node is not None:
@@ -217,9 +214,6 @@ class ViewerSession:
                 progress: Callable[[int, int], None] | None = None) -> PredictionInfo:
         """Mask the display-grid CT at ``mask_ratio`` and predict its Gaussians, window by window, with the
         checkpoint ``weights`` (default: :func:`bundled_weights`), like ``medgmae demo``."""
-        from ..inference import predict_volume
-        from ..train.checkpoint import load_model
-
         self._require()
         if not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
@@ -234,8 +228,8 @@ class ViewerSession:
             raise ValueError(f"{path}: the viewer needs a Gaussian model, this checkpoint is {config.objective!r}")
         prepared = self.prepared
         generator = torch.Generator().manual_seed(int(seed))
-        result = predict_volume(model, prepared, overlap=0, pad_last=True, mask_ratio=float(mask_ratio),
-                                stitch=True, generator=generator, progress=progress)
+        result = inference.predict_volume(model, prepared, overlap=0, pad_last=True, mask_ratio=float(mask_ratio),
+                                          stitch=True, generator=generator, progress=progress)
         world = WorldGaussians.from_set(result.gaussians, prepared.shape, prepared.ijk_to_ras)
         info = PredictionInfo(str(path), float(mask_ratio), len(world), len(result.grid), time.perf_counter() - t0)
         with self.lock:
@@ -263,8 +257,6 @@ class ViewerSession:
     def glyph_polydata(self):
         """``(vtkPolyData, indices)``: the visible Gaussians' ``glyph_sigma`` ellipsoids (RAS, ``intensity``
         point scalars) and which Gaussian each glyph is (glyph ``j`` = cells ``j*t .. (j+1)*t-1``)."""
-        from ..export.glyphs import gaussian_glyph_polydata
-
         keep = self.visible()
         g = self.gaussians
         if g is None:
@@ -294,8 +286,6 @@ class ViewerSession:
 
     # ------------------------------------------------------------------ 2D slices
     def slice_index(self, plane: str, fraction: float = 0.5) -> int:
-        from ..export.figures import PLANES as FIG_PLANES
-
         n = self.prepared.shape[FIG_PLANES[plane][0]]
         return int(round(min(max(fraction, 0.0), 1.0) * (n - 1)))
 
@@ -303,13 +293,12 @@ class ViewerSession:
                   prediction: bool = False) -> bytes:
         """PNG of one slice of the display CT (``prediction=True``: of the prediction, when there is one) with the
         visible Gaussians' ``glyph_sigma`` outlines (``figures.slice_ellipses``), radiological like the demo PNG."""
-        import matplotlib
+        import matplotlib  # lazy: matplotlib is heavy; the Agg backend is chosen before any drawing
 
         matplotlib.use("Agg", force=False)
+        # lazy: as above, after the Agg choice
         from matplotlib.collections import EllipseCollection
         from matplotlib.figure import Figure
-
-        from ..export.figures import PLANES as FIG_PLANES, slice_ellipses, voxel_gaussians
 
         self._require()
         with self.lock:
@@ -330,7 +319,7 @@ class ViewerSession:
             centres, cov, inten = voxel_gaussians(gs, prepared.shape)
             cut, centre, widths, heights, angles = slice_ellipses(centres, cov, axis, index, self.glyph_sigma)
             if cut.any():
-                import matplotlib.pyplot as plt
+                import matplotlib.pyplot as plt  # lazy: as above
 
                 lo, hi = float(inten.min()), float(inten.max()) + 1e-9
                 ax.add_collection(EllipseCollection(
@@ -349,9 +338,6 @@ class ViewerSession:
         """Write ``gaussians.ply`` (``ply``), ``prediction.nii.gz`` (``nifti``: the prediction, else the
         Gaussians' render, in HU on the display grid) or ``scene.mrb`` (``mrb``: CT, prediction and the visible
         glyphs) into ``out_dir``; returns the file."""
-        from ..data.transforms import HU_WINDOW
-        from ..export import nifti, ply, slicer_scene
-
         self._require()
         if kind not in EXPORT_NAMES:
             raise ValueError(f"export kind must be one of {sorted(EXPORT_NAMES)}, got {kind!r}")
