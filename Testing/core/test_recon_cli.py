@@ -89,8 +89,13 @@ def test_resume_continues_from_the_checkpoint(sparse_run, tmp_path, capsys):
     assert [e["step"] for e in events if e["event"] == "progress"] == [30]
     metrics = json.loads((resumed / "metrics.json").read_text())
     assert metrics["iterations"] == 30 and [h["iteration"] for h in metrics["history"]] == [0, 10, 20, 30]
-    assert cli_main(argv[:argv.index("--out") + 1] + [str(tmp_path / "empty"), "--resume"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    missing = tmp_path / "missing.pt"
+    assert cli_main(argv + ["--resume", str(missing)]) == 2  # an explicit PATH must exist
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and str(missing) in err
+    fresh = [a if a != str(resumed) else str(tmp_path / "fresh") for a in argv]
+    assert cli_main(fresh + ["--resume"]) == 0  # a bare --resume is auto: nothing to continue, so it starts
+    assert _events(capsys.readouterr().out)[0]["resumed_from"] is None
 
 
 def test_tooth_fbp_is_a_recognisable_cross_section(shared_ct):
@@ -161,7 +166,8 @@ def test_bad_inputs_are_rejected_clearly(tmp_path, small_real_ct, capsys):
 def test_medgmae_init_with_the_bundled_weights(small_real_ct, tmp_path, capsys):
     out = tmp_path / "mg"
     argv = ["reconstruct", str(small_real_ct), "--crop", "10:106,0:96,8:24", "--downsample", "2", "--views", "12",
-            "--init", "medgmae", "--model-spacing", "0", "--iters", "10", "--eval-every", "5", "--out", str(out),
+            "--init", "medgmae", "--model-spacing", "0", "--num-gaussians", "1500", "--iters", "10",
+            "--eval-every", "5", "--out", str(out),
             "--progress-json"]
     assert cli_main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -31,8 +31,8 @@ from ..errors import describe, make_output_dir
 from ..export.figures import save_figure
 from ..export.nifti import write_volume
 from ..export.ply import write_gaussians_ply
-from ..progress import ProgressReporter
-from ..progress import json_plain
+from .options import add_resume
+from ..progress import ProgressReporter, json_plain
 from ..recon.data_exchange import is_data_exchange
 from ..recon.fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
 from ..recon.initialisation import (DEFAULT_RESIDUAL_FIT_ITERS, INIT_METHODS, analytic_reconstruction,
@@ -209,7 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--max-intensity", type=float, default=None,
                      help="intensity bound of a Gaussian (default 2 x the FBP's 99.9th percentile)")
     rec.add_argument("--checkpoint-every", type=int, default=100, help="iterations between resume checkpoints")
-    rec.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
+    add_resume(rec, help=f"auto (continue OUT/{CHECKPOINT_NAME} if it exists, else start; also a bare --resume) "
+                         "or a reconstruction checkpoint PATH")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--device", default="cpu")
     parser.add_argument("--progress-json", action="store_true", help="JSON progress lines on stdout")
@@ -254,15 +255,16 @@ def run(args) -> dict:
                     grad_threshold=args.grad_threshold, densify_fraction=args.densify_fraction,
                     max_gaussians=args.max_gaussians, tv_weight=args.tv,
                     checkpoint_every=args.checkpoint_every, seed=args.seed).validate()
-    ck_path = out / CHECKPOINT_NAME
+    ck_path = out / CHECKPOINT_NAME  # where this run writes its checkpoints
+    resume_from = ck_path if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    if args.resume not in (None, "auto") and not resume_from.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {resume_from}")
     resume_state = None
-    if args.resume:
-        if not ck_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ck_path}")
+    if resume_from is not None and resume_from.is_file():
         try:
-            resume_state = torch.load(ck_path, map_location=device, weights_only=True)
+            resume_state = torch.load(resume_from, map_location=device, weights_only=True)
         except Exception as exc:  # torch raises assorted types for damaged files
-            raise ValueError(f"--resume: cannot read {ck_path} ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"--resume: cannot read {resume_from} ({type(exc).__name__}: {exc})") from None
     data = load_input(args)
     if args.save_projections:
         save_projections(args.save_projections, data)
@@ -275,7 +277,7 @@ def run(args) -> dict:
                                 reference=reference)
         initial_volume = None
         if resume_state is not None:
-            fit.load_state_dict(resume_state, source=str(ck_path))
+            fit.load_state_dict(resume_state, source=str(resume_from))
         else:
             initial_volume = fit.volume()
             if reference is not None:
