@@ -12,7 +12,9 @@ it is the held-out real CT of ``benchmarks/pretrain_quality.py`` and ``benchmark
 
 Re-running with the same ``--work`` resumes exactly (a step's crops and masks depend only on the seed and the
 step). ``--slim-only`` skips training and slims ``--work``'s ``last.pt``. The slim copy keeps the model weights,
-config, step, the training list and the recipe; no optimiser state.
+config, step, the training list and the recipe; no optimiser state. With ``--average-last N`` (bundled: 6) the
+slim copy holds the uniform average of the newest N ``step_*.pt`` checkpoints (every 500 steps: 12,500-15,000),
+which measured steadier than any single one (the held-out gain moves by +-0.6 dB between checkpoints).
 """
 from __future__ import annotations
 
@@ -27,19 +29,32 @@ TRAINING_DATA = ["phantom:24", str(SHARED_CT / "example_ct.nii.gz"), str(SHARED_
 HELD_OUT = [str(SHARED_CT / "chest_cta_pulmonary_ct_cropped.nii.gz")]
 
 
-def slim_copy(checkpoint: Path, dest: Path, note: str) -> None:
+def average_weights(model, checkpoints: list[Path]) -> list[int]:
+    """Load the uniform average of the checkpoints' float weights into ``model``; returns their steps."""
+    import torch
+
+    states = [torch.load(p, map_location="cpu", weights_only=False) for p in checkpoints]
+    first = states[0]["model"]
+    averaged = {k: (sum(s["model"][k].float() for s in states) / len(states)).to(v.dtype)
+                if v.is_floating_point() else states[-1]["model"][k] for k, v in first.items()}
+    model.load_state_dict(averaged)
+    return [int(s["step"]) for s in states]
+
+
+def slim_copy(checkpoint: Path, dest: Path, note: str, average: list[Path] | None = None) -> None:
     """Model weights + config + provenance: what ``load_model`` needs, without the optimiser state."""
     import torch
 
     from medgmae_core.train.checkpoint import load_model, save_checkpoint
 
     model, config = load_model(checkpoint)
+    averaged_steps = average_weights(model, average) if average else None
     full = torch.load(checkpoint, map_location="cpu", weights_only=False)
     extra = full.get("extra") or {}
     history = extra.get("history")
     save_checkpoint(dest, model=model, config=config, step=full["step"], train_config=full.get("train_config"),
                     extra={"training_data": extra.get("training_data"), "held_out": HELD_OUT,
-                           "recipe": "scripts/train_weights.py", "note": note,
+                           "recipe": "scripts/train_weights.py", "note": note, "averaged_steps": averaged_steps,
                            "final_loss": float(history[-100:, 1].mean()) if history is not None and len(history) else None})
     print(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MB, step {full['step']})")
 
@@ -52,13 +67,15 @@ def main() -> int:
     parser.add_argument("--dest", type=Path, default=REPO / "medgmae_core" / "weights" / "medgmae_tiny.pt")
     parser.add_argument("--note", default="MedGMAE-Slicer CPU weights (tiny config); not the paper's weights")
     parser.add_argument("--slim-only", action="store_true")
+    parser.add_argument("--average-last", type=int, default=6,
+                        help="slim the average of the newest N step_*.pt checkpoints (1: last.pt alone)")
     args = parser.parse_args()
 
     if not args.slim_only:
         cmd = [sys.executable, "-m", "medgmae_core.cli", "pretrain", "--data", *TRAINING_DATA,
                "--model", "tiny", "--objective", args.objective, "--steps", str(args.steps), "--batch-size", "2",
                "--lr", "3e-4", "--warmup-steps", "100", "--min-lr-ratio", "0.1", "--seed", "0",
-               "--checkpoint-every", "250", "--keep-last", "4", "--log-every", "10",
+               "--checkpoint-every", "500", "--keep-last", str(max(4, args.average_last)), "--log-every", "10",
                "--out", str(args.work), "--resume", "auto"]
         print("running:", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
@@ -66,7 +83,12 @@ def main() -> int:
         if code != 0:
             return code
     args.dest.parent.mkdir(parents=True, exist_ok=True)
-    slim_copy(args.work / "last.pt", args.dest, args.note)
+    average = None
+    if args.average_last > 1:
+        average = sorted(args.work.glob("step_*.pt"))[-args.average_last:]
+        if len(average) < args.average_last:
+            raise SystemExit(f"--average-last {args.average_last}: only {len(average)} step_*.pt in {args.work}")
+    slim_copy(args.work / "last.pt", args.dest, args.note, average)
     return 0
 
 
