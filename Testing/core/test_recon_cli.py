@@ -166,7 +166,7 @@ def test_bad_inputs_are_rejected_clearly(tmp_path, small_real_ct, capsys):
 def test_medgmae_init_with_the_bundled_weights(small_real_ct, tmp_path, capsys):
     out = tmp_path / "mg"
     argv = ["reconstruct", str(small_real_ct), "--crop", "10:106,0:96,8:24", "--downsample", "2", "--views", "12",
-            "--init", "medgmae", "--model-spacing", "0", "--num-gaussians", "1500", "--iters", "10",
+            "--init", "medgmae", "--spacing-mm", "0", "--num-gaussians", "1500", "--iters", "10",
             "--eval-every", "5", "--out", str(out),
             "--progress-json"]
     assert cli_main(argv) == 0
@@ -181,3 +181,21 @@ def test_medgmae_init_with_the_bundled_weights(small_real_ct, tmp_path, capsys):
     assert metrics["init_psnr"] > metrics["fbp_psnr"] - 3.0  # the residual set carries the FDK's clipped content
     losses = [h["loss"] for h in metrics["history"] if isinstance(h["loss"], float)]
     assert len(losses) >= 1 and metrics["history"][-1]["loss"] <= losses[0]
+
+
+def test_reconstruct_speaks_the_flag_vocabulary():
+    """--spacing-mm (old spelling --model-spacing, hidden) and --resume [auto|PATH] as in commands.options."""
+    import argparse
+
+    from medgmae_core.commands import reconstruct as reconstruct_command
+
+    parser = argparse.ArgumentParser()
+    reconstruct_command.add_arguments(parser)
+    base = ["ct.nii.gz", "--out", "o"]
+    assert parser.parse_args(base + ["--model-spacing", "0"]).spacing_mm == 0.0
+    assert parser.parse_args(base + ["--spacing-mm", "2"]).spacing_mm == 2.0
+    assert parser.parse_args(base).spacing_mm == 1.5 and parser.parse_args(base).resume is None
+    assert parser.parse_args(base + ["--resume"]).resume == "auto"
+    assert parser.parse_args(base + ["--resume", "x.pt"]).resume == "x.pt"
+    shown = parser.format_help()
+    assert "--spacing-mm" in shown and "--model-spacing" not in shown

@@ -31,7 +31,7 @@ from ..errors import describe, make_output_dir
 from ..export.figures import save_figure
 from ..export.nifti import write_volume
 from ..export.ply import write_gaussians_ply
-from .options import add_resume
+from .options import add_option, add_resume
 from ..progress import ProgressReporter, json_plain
 from ..recon.data_exchange import is_data_exchange
 from ..recon.fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit
@@ -180,8 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec = parser.add_argument_group("reconstruction")
     rec.add_argument("--init", choices=INIT_METHODS, default="fbp")
     rec.add_argument("--checkpoint", default=None, help="MedGMAE(*) checkpoint for --init medgmae/medgmae* "
-                                                        "(default: bundled demo weights)")
-    rec.add_argument("--model-spacing", type=float, default=1.5,
+                                                        "(default: the bundled weights)")
+    add_option(rec, "--spacing-mm", "--model-spacing", type=float, default=1.5,
                      help="medgmae init: resample the FBP to this spacing (mm) for the model; 0 = keep the grid")
     rec.add_argument("--overlap", type=int, default=None,
                      help="medgmae init: overlap of the model windows in voxels (default a quarter window)")
@@ -237,7 +237,7 @@ def prepare(args, data: ProjectionData, device: torch.device, resume_state: dict
     gaussians, init_info = initialise_calibrated(
         args.init, fbp_volume=fbp, extent_mm=data.geometry.volume_extent_mm, project=lambda g: project(g.to(device)),
         measured=data.projections.to(device), num_gaussians=args.num_gaussians, checkpoint=checkpoint,
-        mu_water=data.mu_water, seed=args.seed, overlap=args.overlap, model_spacing_mm=args.model_spacing or None,
+        mu_water=data.mu_water, seed=args.seed, overlap=args.overlap, model_spacing_mm=args.spacing_mm or None,
         device=str(device), residual_fit_iters=args.residual_fit_iters)
     gaussians = gaussians.to(device)
     info.update(init_info)
