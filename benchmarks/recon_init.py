@@ -15,8 +15,11 @@ Per scan, in one run: our FDK, RTK's FDK and SART (``benchmarks/rtk_baselines.py
 on our data), then the same 3DGR-CT fit (same FitConfig, seed, view subsets,
 ``--iters``, xyz lr on the fixed ``--lr-horizon``) from each initialisation in ``--inits``: ``random``,
 ``3dgr`` (3DGR-CT's create_from_fbp), ``fbp`` (our heuristic), ``medgmae``, ``medgmae*`` (zero-shot, the
-checkpoint's prediction with the offset + residual conversion) and ``oracle`` (a direct image-domain fit to
-the windowed ground truth, pushed through the same conversion: what a perfect model would give).
+checkpoint's prediction with the offset + residual conversion), ``oracle`` (a direct image-domain fit to
+the windowed ground truth, pushed through the same conversion: what a perfect model would give) and
+``fbp_prefit``, the control without a model: the ``fbp`` heuristic fitted to the FDK in the image domain for
+``--residual-fit-iters`` steps, the same pre-fit the zero-shot residual set gets (what the model adds is the
+difference between ``medgmae`` and this). Every init starts from ``--num-gaussians`` Gaussians.
 
 Outputs: the JSON (every PSNR/SSIM history, iterations and seconds to FDK, FDK + 2/4 dB, 30 and 35 dB, the
 ratio table: iterations to reach the ``3dgr`` run's final PSNR over ``3dgr``'s own, the paper's 0.61 beside
@@ -40,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 from medgmae_core.recon.fit import FitConfig, GaussianParams, GeometryProjector, ReconstructionFit  # noqa: E402
-from medgmae_core.recon.initialisation import (analytic_reconstruction, default_max_intensity,  # noqa: E402
-                                               fbp_to_window, fit_to_volume, init_fbp, initialise_calibrated)
+from medgmae_core.recon.initialisation import (analytic_reconstruction, calibrate_intensities,  # noqa: E402
+                                               default_max_intensity, fbp_to_window, fit_to_volume, init_fbp,
+                                               initialise_calibrated)
 from medgmae_core.recon.simulation import MU_WATER, hu_to_mu, load_ct_volume, simulate_scan  # noqa: E402
 from medgmae_core.recon.metrics import first_reaching, progress_against_baseline, psnr, ssim  # noqa: E402
 from medgmae_core.train.checkpoint import bundled_weights  # noqa: E402
@@ -52,7 +56,7 @@ CHEST_CTA = SHARED / "chest_cta_pulmonary_ct_cropped.nii.gz"
 CHEST_CROP = "13:109,3:99,8:104"  # a 96^3 window (1.5 mm) of the 122x102x112 volume
 PHANTOM_SEED = 1001
 PAPER_RATIO = 0.61
-ALL_INITS = ("random", "3dgr", "fbp", "medgmae", "medgmae*", "oracle")
+ALL_INITS = ("random", "3dgr", "fbp", "fbp_prefit", "medgmae", "medgmae*", "oracle")
 
 
 # ------------------------------------------------------------------ hold-out check
@@ -127,11 +131,19 @@ def load_volume(name: str, downsample: int) -> tuple[torch.Tensor, tuple[float, 
 def fit_run(method: str, data, fdk, cfg: FitConfig, *, num_gaussians, checkpoint, prediction, max_intensity,
             residual_fit_iters: int, seed: int, fdk_psnr: float, rng: float) -> dict:
     project = GeometryProjector(data.geometry)
-    g, info = initialise_calibrated(
-        "oracle" if method == "oracle" else method, fbp_volume=fdk, extent_mm=data.geometry.volume_extent_mm,
-        project=lambda x: project(x), measured=data.projections, num_gaussians=num_gaussians,
-        checkpoint=checkpoint, mu_water=data.mu_water, seed=seed, prediction=prediction,
-        residual_fit_iters=residual_fit_iters)
+    if method == "fbp_prefit":  # the control: the zero-shot path's image-domain pre-fit without any model
+        t0 = time.perf_counter()
+        g = fit_to_volume(fdk, init_fbp(fdk, data.geometry.volume_extent_mm, num_gaussians, uniform_weight=1.0,
+                                        seed=seed), residual_fit_iters, seed=seed)
+        g, gain = calibrate_intensities(g, lambda x: project(x), data.projections)
+        info = {"intensity_gain": gain, "initial_gaussians": g.num_gaussians, "prefit_iters": residual_fit_iters,
+                "init_seconds": time.perf_counter() - t0}
+    else:
+        g, info = initialise_calibrated(
+            "oracle" if method == "oracle" else method, fbp_volume=fdk, extent_mm=data.geometry.volume_extent_mm,
+            project=lambda x: project(x), measured=data.projections, num_gaussians=num_gaussians,
+            checkpoint=checkpoint, mu_water=data.mu_water, seed=seed, prediction=prediction,
+            residual_fit_iters=residual_fit_iters)
     fit = ReconstructionFit(GaussianParams.from_gaussians(g, max_intensity), data.projections, project,
                             data.volume_shape, cfg, reference=data.reference, data_range=rng)
     ssims = []
@@ -302,12 +314,13 @@ def merge_results(paths: list[Path]) -> dict:
     import json
 
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    merged = dict(parts[0], merged_from=[str(p) for p in paths], inits=[],
+    merged = dict(parts[0], merged_from=[str(p) for p in paths], inits=[], counts={},
                   wall_seconds=[p.get("wall_seconds") for p in parts],
                   loadavg=[[p.get("loadavg_start"), p.get("loadavg_end")] for p in parts])
     by_key: dict = {}
     for part in parts:
         merged["inits"] += [m for m in part["inits"] if m not in merged["inits"]]
+        merged["counts"] = {**merged.get("counts", {}), **{m: part["counts"].get(m) for m in part["inits"]}}
         merged["speed_check"] = merged.get("speed_check") or part.get("speed_check")
         for scan in part["scans"]:
             key = (scan["volume"], scan["views"])
