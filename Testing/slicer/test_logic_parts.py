@@ -236,7 +236,7 @@ def test_background_part_writes_the_ct_through_its_writer(session, tmp_path):
 def test_one_device_resolver(monkeypatch, tmp_path):
     """``resolve_device`` is defined once (prediction.py); the background part uses that one."""
     definitions = [path.name for path in sorted(LIB.glob("*.py"))
-                   for node in ast.walk(ast.parse(path.read_text()))
+                   for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                    if isinstance(node, ast.FunctionDef) and node.name == "resolve_device"]
     assert definitions == ["prediction.py"]
     assert background_module.resolve_device is prediction_module.resolve_device
@@ -333,7 +333,7 @@ def test_function_level_imports_are_only_the_lazy_ones_and_say_why():
     files = sorted(LIB.glob("*.py")) + [LIB.parent / "MedGMAESlicer.py"]
     problems = []
     for path in files:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
         tree = ast.parse("\n".join(lines))
         functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         imports = {(n.lineno, n) for f in functions for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
