@@ -192,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="medgmae init: image-domain steps fitting the residual set (offset + clipped content)")
     rec.add_argument("--filter", choices=FILTERS, default="ram-lak", help="FBP/FDK filter")
     rec.add_argument("--iters", type=int, default=1500,
-                     help="fit iterations (the measured +4 dB setting; about 15 min at 96^3 on one CPU thread)")
+                     help="fit iterations (the measured +4 dB setting; about 20-40 min at 96^3 on one CPU thread)")
     rec.add_argument("--lr-horizon", type=int, default=FitConfig.lr_horizon,
                      help="iterations over which the xyz learning rate decays 2e-3 -> 2e-6 (3DGR-CT: 30000), "
                           "independent of --iters")
