@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
+from pretrain_quality import check_held_out  # noqa: E402
 
 from medgmae_core.export.figures import save_figure  # noqa: E402
 from medgmae_core.train import evaluation as ev  # noqa: E402
@@ -71,18 +72,17 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0, load_before = time.perf_counter(), list(os.getloadavg())
+    extra_paths = dict(item.partition("=")[::2] for item in args.extra)
+    if not all(extra_paths.values()):
+        raise SystemExit(f"--extra expects LABEL=CKPT, got {args.extra!r}")
+    held_out = check_held_out([args.ct], {**{str(p): str(p) for p in args.checkpoints}, **extra_paths})
     ct, phantoms = ev.ct_windows(str(args.ct), args.ct_windows), ev.phantom_windows(args.phantoms)
     rows = sorted((evaluate(p, ct, phantoms) for p in args.checkpoints), key=lambda r: r["step"])
-    extra = []
-    for item in args.extra:
-        label, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--extra expects LABEL=CKPT, got {item!r}")
-        extra.append({"label": label, **evaluate(path, ct, phantoms)})
+    extra = [{"label": label, **evaluate(path, ct, phantoms)} for label, path in extra_paths.items()]
     for r in rows + extra:
         print(f"{r.get('label', r['step'])}: CT {r['ct']['gain_db']:+.2f} dB, phantoms {r['phantoms']['gain_db']:+.2f} dB")
     write_json(args.out, {"benchmark": "pretrain_curve", "machine": machine_info(), "threads": args.threads,
-                          "held_out_ct": str(args.ct), "ct_windows": args.ct_windows, "phantoms": args.phantoms,
+                          "held_out_ct": str(args.ct), "held_out": held_out, "ct_windows": args.ct_windows, "phantoms": args.phantoms,
                           "rows": rows, "extra": extra, "seconds": time.perf_counter() - t0,
                           "load_before": load_before, "load_after": list(os.getloadavg())})
     plot(args.out.with_suffix(".png"), rows, extra)

@@ -30,13 +30,11 @@ speed check (one fit iteration at 50k Gaussians with 10 views of 128^2) and the 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
