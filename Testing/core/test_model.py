@@ -98,6 +98,8 @@ def test_config_roundtrip_and_overrides():
     (dict(objective="voxel", loss="release"), "release"),
     (dict(mask_ratio=1.0), "mask_ratio"),
     (dict(star_multipliers=(2, 3)), "star_multipliers"),
+    (dict(intensity_prior=True, gaussian_layout="free"), "intensity_prior needs"),
+    (dict(intensity_prior=True, objective="voxel"), "intensity_prior needs"),
     (dict(bogus=1), r"unknown model config keys \['bogus'\]"),
 ])
 def test_bad_configs_raise_clear_errors(overrides, match):
@@ -342,7 +344,7 @@ def test_masked_loss_uses_only_masked_voxels_release_loss_whole_volume():
 
 @pytest.mark.parametrize("objective, overrides", [
     ("gaussian", {}), ("gaussian", {"loss": "release"}), ("gaussian_star", {}),
-    ("gaussian_star", {"star_combine": "sum"}), ("voxel", {}),
+    ("gaussian_star", {"star_combine": "sum"}), ("voxel", {}), ("gaussian", {"intensity_prior": True}),
 ])
 def test_loss_is_finite_and_reaches_every_trainable_parameter(objective, overrides):
     model = small_model(objective, num_gaussians=4, **overrides)
@@ -485,3 +487,34 @@ def test_local_context_weights_nearby_tokens_and_batches_per_sample_queries():
     q, k, t = torch.rand(2, 5, 3), torch.rand(2, 7, 3), torch.rand(2, 7, 4)
     per_sample = torch.stack([local_context(q[i], k[i:i + 1], t[i:i + 1], 1.0)[0] for i in range(2)])
     assert torch.allclose(local_context(q, k, t, 1.0), per_sample)
+
+
+def test_intensity_prior_starts_from_the_visible_level_and_follows_the_input():
+    model = small_model(intensity_prior=True).eval()
+    model.decoder.heads.head_intensity.weight.data.zero_()  # no correction: the prior alone
+    peak = model.config.peak_value
+    flat = torch.full((1, 1, 24, 24, 24), 0.6)
+    g = model.predict_gaussians(flat, mask_policy="single")
+    head_units = g.intensities / model.config.effective_intensity_scale
+    torch.testing.assert_close(head_units, torch.full_like(head_units, 0.6 / peak), rtol=0, atol=1e-5)
+    halves = torch.full((1, 1, 24, 24, 24), 0.1)
+    halves[..., 12:] = 0.9  # bright where W >= 12
+    g = model.predict_gaussians(halves, mask_policy="none")
+    bright = g.centres[0, :, 2] > 0.5
+    assert bright.any() and (~bright).any()
+    assert g.intensities[0, bright].min() > 2 * g.intensities[0, ~bright].max()
+    # the untrained render is a smooth copy of the input, not a flat mean
+    pred = model.render(g)[0, 0]
+    assert pred[..., 18:].mean() > 2 * pred[..., :6].mean()
+    latent, _, ids_restore = model.forward_encoder(halves, 0.5)
+    with pytest.raises(ValueError, match="needs patch_means"):
+        model.forward_decoder(latent, ids_restore)
+
+
+def test_models_without_the_prior_ignore_patch_means():
+    model = small_model().eval()
+    x = volume(1)
+    latent, _, ids_restore = model.forward_encoder(x, 0.5, torch.Generator().manual_seed(1))
+    a = model.forward_decoder(latent, ids_restore)[0]
+    b = model.forward_decoder(latent, ids_restore, model.patch_means(x) * 0 + 1)[0]
+    torch.testing.assert_close(a.intensities, b.intensities, rtol=0, atol=0)

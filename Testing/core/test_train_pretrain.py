@@ -272,3 +272,23 @@ def test_medgmae_star_with_bf16_autocast(tmp_path, capsys):
     assert len(loss) == 1 and 0 < loss[0] < 1
     model, config = load_model(tmp_path / "star" / "last.pt")
     assert config.objective == "gaussian_star" and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_init_from_starts_at_the_parents_weights_and_keeps_its_training_list(tmp_path, capsys):
+    config = _yaml(tmp_path)
+    parent = tmp_path / "parent"
+    assert _run(["--config", str(config), *TINY, "--steps", "2", "--out", str(parent)])[0] == 0
+    child = tmp_path / "child"
+    assert _run(["--config", str(config), *TINY, "--data", "phantom:3", "--steps", "1", "--lr", "1e-12",
+                 "--init-from", str(parent / "last.pt"), "--out", str(child)])[0] == 0
+    a, b = load_checkpoint(parent / "last.pt"), load_checkpoint(child / "last.pt")
+    assert b["step"] == 1  # a new run, not a resume
+    for key, value in a["model"].items():  # lr ~0: the child still holds the parent's weights
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-9, msg=key)
+    assert b["extra"]["parent_training_data"] == a["extra"]["training_data"]
+    assert set(a["extra"]["training_data"]) <= set(b["extra"]["training_data"])  # zero-shot checks see both
+    capsys.readouterr()
+    code = cli.main(["pretrain", *TINY, "--objective", "gaussian", "--init-from", str(parent / "last.pt"),
+                     "--steps", "1", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--init-from" in err and "do not fit" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ from .vit import (init_vit_weights, local_context, patch_coordinates, sincos_emb
 
 MIN_SCALE = 1e-4  # keeps sigmoid underflow from producing a zero scale (free layout)
 SMALL_INIT_STD = 0.01  # anchored heads start close to their biases: every Gaussian at its anchor
+PRIOR_EPS = 1e-3  # keeps the intensity prior's logit finite over air (b = 0) and above the peak
 
 
 def _logit(p: float) -> float:
@@ -72,7 +73,8 @@ class GaussianHeads(nn.Module):
             nn.init.xavier_uniform_(head.weight)
             nn.init.zeros_(head.bias)
         nn.init.normal_(self.head_scale.weight, std=0.01)
-        nn.init.constant_(self.head_intensity.bias, _logit(config.initial_intensity))
+        # with the intensity prior the bias is a learnt global correction to it, starting at none
+        nn.init.constant_(self.head_intensity.bias, 0.0 if config.intensity_prior else _logit(config.initial_intensity))
         if self.layout == "anchored":
             lo, hi = config.min_scale_ratio, config.max_scale_ratio
             self.register_buffer("anchors", anchor_grid(config).float(), persistent=False)  # [k, 3]
@@ -86,11 +88,16 @@ class GaussianHeads(nn.Module):
         else:
             nn.init.constant_(self.head_scale.bias, _logit(config.initial_scale[0]))
 
-    def forward(self, h: torch.Tensor) -> GaussianSet:
+    def forward(self, h: torch.Tensor, intensity_prior: torch.Tensor | None = None) -> GaussianSet:
+        """``h [B, k, dim]``; ``intensity_prior [B, k]`` (head units, in (0, 1)): the intensity head predicts a
+        logit correction to it."""
         with fp32_autocast_off(h.device.type):
             h = h.float()  # [B, k, dim]
             quats = F.normalize(self.head_rotation(h), dim=-1)  # [B, k, 4] unit (w, x, y, z)
-            intensities = torch.sigmoid(self.head_intensity(h)).squeeze(-1)  # [B, k]
+            logits = self.head_intensity(h).squeeze(-1)  # [B, k]
+            if intensity_prior is not None:
+                logits = logits + torch.logit(intensity_prior.float(), eps=PRIOR_EPS)
+            intensities = torch.sigmoid(logits)  # [B, k]
             if self.layout == "anchored":
                 lo, hi = self.scale_range
                 centres = self.anchors + self.offset_ratio * self.spacing * torch.tanh(self.head_centre(h))
@@ -126,15 +133,26 @@ class GaussianDecoder(nn.Module):
         self.register_buffer("query_coords", anchors.float(), persistent=False)  # [k, 3] patch units
         self.register_buffer("patch_coords", patch_coordinates(config.grid_size), persistent=False)  # [L, 3]
         self.context_proj = nn.Linear(dim, dim) if self.context_radius > 0 else None
+        self.prior_radius = (self.context_radius or 1.0) if config.intensity_prior else 0.0
+        self.peak_value = config.peak_value
         self.decoder_blocks = transformer_blocks(dim, config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dim)
         self.apply(init_vit_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
         self.heads = GaussianHeads(dim, config)  # after apply(): keeps its own initialisation
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor
+    def intensity_prior(self, patch_means: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Patch means ``[B, L]`` of the input -> head-unit prior ``[B, k]``: the local mean of the visible
+        patches around each anchor, divided by ``peak_value`` (see ``ModelConfig``, intensity prior)."""
+        visible_coords = self.patch_coords[ids_keep]  # [B, L_keep, 3]
+        visible_means = torch.gather(patch_means.float(), 1, ids_keep)[..., None]  # [B, L_keep, 1]
+        level = local_context(self.query_coords, visible_coords, visible_means, self.prior_radius)  # [B, k, 1]
+        return (level[..., 0] / self.peak_value).clamp(PRIOR_EPS, 1 - PRIOR_EPS)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, patch_means: torch.Tensor | None = None
                 ) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
-        """latent ``[B, 1 + L_keep, E]``, ids_restore ``[B, L]`` ->
+        """latent ``[B, 1 + L_keep, E]``, ids_restore ``[B, L]``, patch_means ``[B, L]`` (the input's mean per
+        patch; needed by the intensity prior, ignored without it) ->
         (Gaussians ``k``, query features ``[B, k, dim]``, context ``[B, 1 + L_keep, dim]``: the
         decoded cls and visible tokens, for MedGMAE*'s residual levels)."""
         x = self.decoder_embed(latent)  # [B, 1 + L_keep, dim]
@@ -154,4 +172,9 @@ class GaussianDecoder(nn.Module):
         k = self.num_gaussians
         query_features = x[:, 1:1 + k]  # [B, k, dim]
         context = torch.cat([x[:, :1], x[:, 1 + k:]], dim=1)  # [B, 1 + L_keep, dim]
-        return self.heads(query_features), query_features, context
+        prior = None
+        if self.prior_radius > 0:
+            if patch_means is None:
+                raise ValueError("this model's intensity prior needs patch_means [B, L] (the input's mean per patch)")
+            prior = self.intensity_prior(patch_means, ids_keep)  # [B, k]
+        return self.heads(query_features, prior), query_features, context

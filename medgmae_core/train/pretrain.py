@@ -33,8 +33,8 @@ from ..errors import make_output_dir, track_temp, untrack_temp
 from ..export.figures import loss_curve_png
 from ..model import ModelConfig, build_model
 from ..progress import ProgressReporter
-from .checkpoint import (LAST_NAME, clean_stale_temp_files, load_checkpoint, restore_training_state,
-                         save_training_checkpoint)
+from .checkpoint import (LAST_NAME, PRETRAINING, CheckpointError, _mismatch_summary, clean_stale_temp_files,
+                         load_checkpoint, require_kind, restore_training_state, save_training_checkpoint)
 from .distributed import all_reduce_mean, any_rank, barrier, wrap_model
 from .engine import StopRequest, train_step
 from .optim import build_optimizer, build_scheduler
@@ -101,6 +101,20 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
     return path
 
 
+def initialise_from(model, path: str) -> list[str]:
+    """Load a pre-training checkpoint's weights into ``model`` (``--init-from``); returns its training list."""
+    parent = load_checkpoint(Path(path).expanduser())
+    require_kind(parent, path, PRETRAINING, "pretrain --init-from")
+    try:
+        model.load_state_dict(parent["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"--init-from {path}: its weights do not fit the model these settings build "
+                              f"({_mismatch_summary(exc)}); use the same model, objective, img_size, patch_size "
+                              "and num_gaussians") from exc
+    extra = parent.get("extra") or {}
+    return [str(n) for n in extra.get("training_data") or []]
+
+
 def run(explicit: dict[str, Any], device: torch.device, info) -> int:
     """Train with the user's ``explicit`` settings on ``device``; returns the exit code."""
     defaults = {k: v for k, (v, _) in SETTINGS.items()}
@@ -138,6 +152,9 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_step, history = 0, []  # history: [step, mean loss] per step
     report = SkipReport(verbose=info.is_main)
+    parent_data: list[str] = []  # what the --init-from checkpoint was trained on: this run has seen it too
+    if cfg.init_from and not ckpt:
+        parent_data = initialise_from(model, cfg.init_from)
     if ckpt:
         start_step = restore_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
                                             scaler=scaler)
@@ -145,6 +162,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
             lam.total_steps = cfg.steps
         extra = ckpt.get("extra") or {}
         history = extra["history"].tolist() if "history" in extra else []
+        parent_data = [str(n) for n in extra.get("parent_training_data") or []]
         for name, reason in (extra.get("skipped") or {}).items():
             report.reasons[name] = reason
     if start_step >= cfg.steps:
@@ -153,6 +171,7 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
 
     dataset = build_data(cfg, report, verbose=info.is_main)
     training_data = [str(c["name"]) for c in dataset.cases]  # what this checkpoint saw, for zero-shot checks
+    training_data += [name for name in parent_data if name not in training_data]
     ddp_model = wrap_model(model, info, device)
     reporter = None
     if info.is_main:
@@ -175,7 +194,8 @@ def run(explicit: dict[str, Any], device: torch.device, info) -> int:
         path = save_training_checkpoint(
             out_dir, step=step, keep_last=cfg.keep_last, model=model, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, config=model_config, train_config={k: v for k, v in cfg.to_dict().items() if k != "resume"},
-            extra={"history": curve, "skipped": dict(report.reasons), "training_data": training_data})
+            extra={"history": curve, "skipped": dict(report.reasons), "training_data": training_data,
+                   "parent_training_data": parent_data})
         loss_curve_png(curve, out_dir / "loss_curve.png", f"{model_config.name} / {model_config.objective}")
         untrack_temp(out_dir / "config.yaml")  # the run now has a checkpoint: its config.yaml stays
         reporter.checkpoint(step, str(path))

@@ -59,6 +59,9 @@ class PretrainSettings:
     mask_ratio: float = setting(0.75, "fraction of patches hidden from the encoder")
     loss: str = setting("masked", "masked (paper: MSE on masked voxels) or release (full-volume MSE against x*mask)")
     model_overrides: dict = setting({}, "YAML only: extra ModelConfig fields", factory=True)
+    init_from: str | None = setting(None, "start from this pre-training checkpoint's weights (a new optimiser, "
+                                          "schedule and step count; the model settings must build the same "
+                                          "parameters)")
     # optimisation
     steps: int = setting(1000, "optimiser steps in total")
     batch_size: int = setting(2, "crops per step and process")
@@ -102,7 +105,7 @@ def _default(f: dataclasses.Field) -> Any:
 SETTINGS: dict[str, tuple[Any, str]] = {f.name: (_default(f), f.metadata["help"])
                                         for f in dataclasses.fields(PretrainSettings)}
 # Settings that define what a run computes: changing them on --resume breaks exact continuation.
-RUN_DEFINING = ("data", "datalist_key", "spacing_mm", "crops_per_case", "pos", "neg", "phantom_shape", "seed",
+RUN_DEFINING = ("init_from", "data", "datalist_key", "spacing_mm", "crops_per_case", "pos", "neg", "phantom_shape", "seed",
                 "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "clip_grad", "amp")
 MODEL_KEYS = ("model", "objective", "img_size", "patch_size", "num_gaussians", "mask_ratio", "loss", "model_overrides")
 # Settings of one session, never inherited from the checkpoint on --resume.
