@@ -292,3 +292,16 @@ def test_init_from_starts_at_the_parents_weights_and_keeps_its_training_list(tmp
                      "--steps", "1", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and "--init-from" in err and "do not fit" in err and "Traceback" not in err
+
+
+def test_init_from_a_medgmae_checkpoint_starts_medgmae_star_with_fresh_levels(tmp_path):
+    config = _yaml(tmp_path, model_overrides={"depth": 1, "decoder_depth": 1, "num_gaussians": 8})
+    gaussian = [*TINY, "--objective", "gaussian"]
+    assert _run(["--config", str(config), *gaussian, "--steps", "1", "--out", str(tmp_path / "base")])[0] == 0
+    star = [*TINY, "--objective", "gaussian_star", "--steps", "1", "--lr", "1e-12"]
+    assert _run(["--config", str(config), *star, "--init-from", str(tmp_path / "base" / "last.pt"),
+                 "--out", str(tmp_path / "star")])[0] == 0
+    base, child = load_checkpoint(tmp_path / "base" / "last.pt"), load_checkpoint(tmp_path / "star" / "last.pt")
+    assert any(k.startswith("levels.") for k in child["model"])
+    for key, value in base["model"].items():
+        torch.testing.assert_close(child["model"][key], value, rtol=0, atol=1e-9, msg=key)

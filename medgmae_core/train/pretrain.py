@@ -102,15 +102,23 @@ def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
 
 
 def initialise_from(model, path: str) -> list[str]:
-    """Load a pre-training checkpoint's weights into ``model`` (``--init-from``); returns its training list."""
+    """Load a pre-training checkpoint's weights into ``model`` (``--init-from``); returns its training list.
+
+    Every parameter must match, except that a MedGMAE* model may start from a MedGMAE checkpoint: its encoder,
+    decoder and heads are loaded and its residual levels (``levels.*``) start fresh."""
     parent = load_checkpoint(Path(path).expanduser())
     require_kind(parent, path, PRETRAINING, "pretrain --init-from")
     try:
-        model.load_state_dict(parent["model"])
+        missing, unexpected = model.load_state_dict(parent["model"], strict=False)
+        fresh_levels = bool(missing) and all(k.startswith("levels.") for k in missing)
+        if unexpected or (missing and not fresh_levels):
+            model.load_state_dict(parent["model"])  # raises with the full list
     except RuntimeError as exc:
         raise CheckpointError(f"--init-from {path}: its weights do not fit the model these settings build "
                               f"({_mismatch_summary(exc)}); use the same model, objective, img_size, patch_size "
-                              "and num_gaussians") from exc
+                              "and num_gaussians (a MedGMAE* run may start from a MedGMAE checkpoint)") from exc
+    if missing:
+        log.info("--init-from %s: %d residual-level tensors start fresh", path, len(missing))
     extra = parent.get("extra") or {}
     return [str(n) for n in extra.get("training_data") or []]
 
