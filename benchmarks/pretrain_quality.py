@@ -177,7 +177,7 @@ def main() -> int:
             entry[name] = r
         result["models"][label] = entry
         print(label, {n: {k: round(entry[n][k], 3) for k in ("psnr", "psnr_constant", "gain_db") } for n in sets}, flush=True)
-    if models["gaussian"].config.intensity_prior:
+    if models["gaussian"].config.intensity_prior_radius > 0:
         prior = prior_only_model(models["gaussian"].config, args.seed)
         result["prior_only"] = {name: ev.evaluate_masked(prior, windows, seed=args.seed) for name, windows in sets.items()}
         print("prior only", {n: round(r["gain_db"], 3) for n, r in result["prior_only"].items()}, flush=True)

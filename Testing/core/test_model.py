@@ -98,8 +98,8 @@ def test_config_roundtrip_and_overrides():
     (dict(objective="voxel", loss="release"), "release"),
     (dict(mask_ratio=1.0), "mask_ratio"),
     (dict(star_multipliers=(2, 3)), "star_multipliers"),
-    (dict(intensity_prior=True, gaussian_layout="free"), "intensity_prior needs"),
-    (dict(intensity_prior=True, objective="voxel"), "intensity_prior needs"),
+    (dict(intensity_prior_radius=0.5, gaussian_layout="free"), "intensity_prior_radius needs"),
+    (dict(intensity_prior_radius=0.5, objective="voxel"), "intensity_prior_radius needs"),
     (dict(bogus=1), r"unknown model config keys \['bogus'\]"),
 ])
 def test_bad_configs_raise_clear_errors(overrides, match):
@@ -344,7 +344,7 @@ def test_masked_loss_uses_only_masked_voxels_release_loss_whole_volume():
 
 @pytest.mark.parametrize("objective, overrides", [
     ("gaussian", {}), ("gaussian", {"loss": "release"}), ("gaussian_star", {}),
-    ("gaussian_star", {"star_combine": "sum"}), ("voxel", {}), ("gaussian", {"intensity_prior": True}),
+    ("gaussian_star", {"star_combine": "sum"}), ("voxel", {}), ("gaussian", {"intensity_prior_radius": 0.5}),
 ])
 def test_loss_is_finite_and_reaches_every_trainable_parameter(objective, overrides):
     model = small_model(objective, num_gaussians=4, **overrides)
@@ -490,7 +490,7 @@ def test_local_context_weights_nearby_tokens_and_batches_per_sample_queries():
 
 
 def test_intensity_prior_starts_from_the_visible_level_and_follows_the_input():
-    model = small_model(intensity_prior=True).eval()
+    model = small_model(intensity_prior_radius=0.5).eval()
     model.decoder.heads.head_intensity.weight.data.zero_()  # no correction: the prior alone
     peak = model.config.peak_value
     flat = torch.full((1, 1, 24, 24, 24), 0.6)

@@ -75,12 +75,14 @@ class ModelConfig:
     baseline for thousands of CPU steps while a fixed interpolation of the visible voxels is 3-4 dB better;
     both objectives get it, so the Gaussian / voxel comparison stays fair.
 
-    **Intensity prior** (``intensity_prior``, anchored only; off by default, so older checkpoints load as
-    they were trained): the intensity head predicts a correction to the local level of the visible voxels.
-    Query ``j``'s intensity is ``sigmoid(head(.) + logit(b_j / peak_value))``, where ``b_j`` is the same
-    Gaussian-weighted mean (radius ``decoder_context_radius``, or 1 patch when that is 0) of the visible
-    patches' mean intensities around its anchor. An untrained model therefore renders a smooth interpolation
+    **Intensity prior** (``intensity_prior_radius``, patch units; 0 = off, the default, so older checkpoints
+    load as they were trained; anchored only): the intensity head predicts a correction to the local level of
+    the visible voxels. Query ``j``'s intensity is ``sigmoid(head(.) + bias + logit(b_j / peak_value))``, where
+    ``b_j`` is the mean intensity of the visible patches around its anchor, weighted by
+    ``softmax(-d^2 / (2 r^2))`` as in the local context. An untrained model therefore renders an interpolation
     of what it sees instead of a flat ``target_mean``; the decoder learns what the interpolation misses.
+    ``r = 0.5`` (nearly the nearest visible patches) measured best for the untrained prior on held-out windows
+    (masked gain over the constant: +2.9 / +2.7 / +2.4 / +1.9 dB on real CT at r = 0.5 / 0.7 / 1 / 1.4).
 
     **Scale coupling.** The initial render's mean over the window is
     ``k * c * I0 * (2 pi)^(3/2) * s0_D * s0_H * s0_W`` (each Gaussian's integral, all mass inside). The
@@ -131,7 +133,7 @@ class ModelConfig:
     loss: str = "masked"
     gaussian_layout: str = "anchored"
     decoder_context_radius: float = 1.0
-    intensity_prior: bool = False
+    intensity_prior_radius: float = 0.0
     init_scale_ratio: float = 0.5
     min_scale_ratio: float = 0.04
     max_scale_ratio: float = 1.0
@@ -207,8 +209,10 @@ class ModelConfig:
                              f"num_gaussians {self.num_gaussians} (free layout: scales lie in (0, 1))")
         if self.decoder_context_radius < 0:
             raise ValueError(f"decoder_context_radius must be >= 0 (0: off), got {self.decoder_context_radius}")
-        if self.intensity_prior and (self.gaussian_layout != "anchored" or not self.is_gaussian):
-            raise ValueError("intensity_prior needs the Gaussian objectives with gaussian_layout='anchored' "
+        if self.intensity_prior_radius < 0:
+            raise ValueError(f"intensity_prior_radius must be >= 0 (0: off), got {self.intensity_prior_radius}")
+        if self.intensity_prior_radius > 0 and (self.gaussian_layout != "anchored" or not self.is_gaussian):
+            raise ValueError("intensity_prior_radius needs the Gaussian objectives with gaussian_layout='anchored' "
                              f"(got objective {self.objective!r}, layout {self.gaussian_layout!r})")
         for name in ("anchor_offset_ratio", "target_mean", "peak_value"):
             if not getattr(self, name) > 0:

@@ -74,7 +74,8 @@ class GaussianHeads(nn.Module):
             nn.init.zeros_(head.bias)
         nn.init.normal_(self.head_scale.weight, std=0.01)
         # with the intensity prior the bias is a learnt global correction to it, starting at none
-        nn.init.constant_(self.head_intensity.bias, 0.0 if config.intensity_prior else _logit(config.initial_intensity))
+        nn.init.constant_(self.head_intensity.bias,
+                          0.0 if config.intensity_prior_radius > 0 else _logit(config.initial_intensity))
         if self.layout == "anchored":
             lo, hi = config.min_scale_ratio, config.max_scale_ratio
             self.register_buffer("anchors", anchor_grid(config).float(), persistent=False)  # [k, 3]
@@ -133,7 +134,7 @@ class GaussianDecoder(nn.Module):
         self.register_buffer("query_coords", anchors.float(), persistent=False)  # [k, 3] patch units
         self.register_buffer("patch_coords", patch_coordinates(config.grid_size), persistent=False)  # [L, 3]
         self.context_proj = nn.Linear(dim, dim) if self.context_radius > 0 else None
-        self.prior_radius = (self.context_radius or 1.0) if config.intensity_prior else 0.0
+        self.prior_radius = config.intensity_prior_radius
         self.peak_value = config.peak_value
         self.decoder_blocks = transformer_blocks(dim, config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dim)

@@ -161,7 +161,7 @@ class MedGMAE(MaskedAutoencoder3D):
                         patch_means: torch.Tensor | None = None) -> list[GaussianSet]:
         """-> Gaussian sets coarse to fine, in rendered units (see :meth:`to_volume_units`):
         ``[k]`` for MedGMAE, ``[N0, m1*N0, m2*N0]`` for MedGMAE*. ``patch_means [B, L]``: see
-        :meth:`patch_means` (used only with ``config.intensity_prior``)."""
+        :meth:`patch_means` (used only with ``config.intensity_prior_radius > 0``)."""
         gaussians, features, context = self.decoder(latent, ids_restore, patch_means)  # head units
         sets = [gaussians]
         for level in self.levels:
