@@ -119,6 +119,11 @@ def initialise_from(model, path: str) -> list[str]:
                               "and num_gaussians (a MedGMAE* run may start from a MedGMAE checkpoint)") from exc
     if missing:
         log.info("--init-from %s: %d residual-level tensors start fresh", path, len(missing))
+    ours = model.config.to_dict()
+    changed = sorted(k for k, v in (parent.get("model_config") or {}).items()
+                     if k in ours and ours[k] != v and k != "name" and k != "objective" and not k.startswith("star_"))
+    if changed:  # same parameters, different computation (e.g. intensity_prior_radius)
+        log.warning("--init-from %s: the model settings %s differ from the checkpoint's", path, changed)
     extra = parent.get("extra") or {}
     return [str(n) for n in extra.get("training_data") or []]
 
