@@ -199,3 +199,19 @@ def test_reconstruct_speaks_the_flag_vocabulary():
     assert parser.parse_args(base + ["--resume", "x.pt"]).resume == "x.pt"
     shown = parser.format_help()
     assert "--spacing-mm" in shown and "--model-spacing" not in shown
+
+
+def test_medgmae_star_defaults_to_the_bundled_star_weights(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from medgmae_core.commands import reconstruct as command
+    from medgmae_core.train import checkpoint as ckpt
+
+    star = tmp_path / "medgmae_star_tiny.pt"
+    monkeypatch.setattr(ckpt, "BUNDLED_STAR_WEIGHTS", star)
+    with pytest.raises(ValueError, match=r"--init medgmae\* needs --checkpoint"):
+        command.resolve_checkpoint(Namespace(init="medgmae*", checkpoint=None))
+    star.write_bytes(b"")
+    assert command.resolve_checkpoint(Namespace(init="medgmae*", checkpoint=None)) == star
+    assert command.resolve_checkpoint(Namespace(init="medgmae", checkpoint=None)) == ckpt.bundled_weights()
+    assert command.resolve_checkpoint(Namespace(init="fbp", checkpoint=None)) is None

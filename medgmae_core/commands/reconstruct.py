@@ -84,7 +84,7 @@ def resolve_checkpoint(args) -> Path | None:
         if not path.exists():
             raise FileNotFoundError(f"--checkpoint not found: {path}")
         return path
-    bundled = bundled_weights()
+    bundled = bundled_weights(star=args.init == "medgmae*")
     if bundled is not None:
         return bundled
     raise ValueError(f"--init {args.init} needs --checkpoint PATH (no bundled weights in {WEIGHTS_DIR})")

@@ -50,12 +50,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 # The bundled pre-training weights (CPU-trained, not the paper's; recipe and training list inside, see
 # scripts/train_weights.py): the default of `medgmae demo`, `reconstruct --init medgmae`, `view` and the Slicer panel.
 BUNDLED_WEIGHTS = WEIGHTS_DIR / "medgmae_tiny.pt"
+BUNDLED_STAR_WEIGHTS = WEIGHTS_DIR / "medgmae_star_tiny.pt"  # MedGMAE* on top of them: `reconstruct --init medgmae*`
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def bundled_weights() -> Path | None:
-    """The bundled checkpoint, or None when it is not installed."""
-    return BUNDLED_WEIGHTS if BUNDLED_WEIGHTS.is_file() else None
+def bundled_weights(star: bool = False) -> Path | None:
+    """The bundled MedGMAE (``star``: MedGMAE*) checkpoint, or None when it is not installed."""
+    path = BUNDLED_STAR_WEIGHTS if star else BUNDLED_WEIGHTS
+    return path if path.is_file() else None
 
 
 class CheckpointError(InputError):
