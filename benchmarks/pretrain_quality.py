@@ -108,7 +108,7 @@ def write_png(path: Path, windows, gaussian_model, voxel_model, seed: int) -> No
         with torch.no_grad():
             gaussian_model.eval()
             latent, mask, ids = gaussian_model.forward_encoder(x, None, None, noise)
-            g = gaussian_model.forward_decoder(latent, ids, gaussian_model.patch_means(x))[-1]
+            g = gaussian_model.forward_decoder(latent, ids, gaussian_model.intensity_prior_input(x))[-1]
             pred = gaussian_model.render(g)[0, 0]
             mvol = gaussian_model.mask_volume(mask)[0, 0]
             panels = [("input", w.volume), ("masked input", w.volume * (1 - mvol)), ("MedGMAE", pred)]

@@ -75,7 +75,7 @@ def timed_step(model, optimizer, imgs: torch.Tensor, step: int) -> dict[str, flo
     with t("encoder"):
         latent, mask, ids_restore = model.forward_encoder(imgs, None, generator)
     with t("decoder"):
-        out = (model.forward_decoder(latent, ids_restore, model.patch_means(imgs)) if model.config.is_gaussian
+        out = (model.forward_decoder(latent, ids_restore, model.intensity_prior_input(imgs)) if model.config.is_gaussian
                else model.forward_decoder(latent, ids_restore))
     if model.config.is_gaussian:
         with t("render"):
@@ -138,7 +138,7 @@ def bench_objective(objective: str, args, imgs: torch.Tensor) -> dict:
     }
     if config.is_gaussian:
         with torch.no_grad():
-            g = model.forward_decoder(*model.forward_encoder(imgs[:1], None)[::2], model.patch_means(imgs[:1]))[-1]
+            g = model.forward_decoder(*model.forward_encoder(imgs[:1], None)[::2], model.intensity_prior_input(imgs[:1]))[-1]
         record["render_backend"] = resolve_backend(g, config.render_backend)
     return record
 

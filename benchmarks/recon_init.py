@@ -312,16 +312,15 @@ def merge_results(paths: list[Path]) -> dict:
     import json
 
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    merged = dict(parts[0], merged_from=[str(p) for p in paths], inits=[], counts={},
+    merged = dict(parts[0], merged_from=[str(p) for p in paths], inits=[], counts={}, checkpoint_by_init={},
                   wall_seconds=[p.get("wall_seconds") for p in parts],
                   loadavg=[[p.get("loadavg_start"), p.get("loadavg_end")] for p in parts])
     by_key: dict = {}
     for part in parts:
         merged["inits"] += [m for m in part["inits"] if m not in merged["inits"]]
-        merged["counts"] = {**merged.get("counts", {}), **{m: part["counts"].get(m) for m in part["inits"]}}
+        merged["counts"].update({m: part["counts"].get(m) for m in part["inits"]})
         merged["speed_check"] = merged.get("speed_check") or part.get("speed_check")
-        merged.setdefault("checkpoint_by_init", {}).update(
-            {m: part.get("checkpoint") for m in part["inits"] if m.startswith("medgmae")})
+        merged["checkpoint_by_init"].update({m: part.get("checkpoint") for m in part["inits"] if m.startswith("medgmae")})
         for scan in part["scans"]:
             key = (scan["volume"], scan["views"])
             if key not in by_key:

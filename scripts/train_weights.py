@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train the bundled weights with ``medgmae pretrain`` and slim them into ``medgmae_core/weights/``.
 
-The recipe of ``medgmae_core/weights/medgmae_tiny.pt`` (issue 10): ``pretrain_tiny_cpu.yaml``, i.e. the ``tiny``
-configuration (anchored Gaussian queries with local context and the intensity prior, k = 512, decoder depth 4),
-4,000 steps at batch 2, AdamW lr 3e-4, 100 warmup steps, cosine to 0.1 x lr, one torch thread, on 24 generated phantoms (seeds 0..23), ``example_ct.nii.gz`` and the
-``example_ct_dicom`` series of ``../shared/data/ct/totalsegmentator``. The chest CTA there is NOT trained on:
+The recipe of ``medgmae_core/weights/medgmae_tiny.pt`` (issue 10): ``pretrain_tiny_cpu.yaml``, i.e. the
+``tiny`` configuration (anchored Gaussian queries with local context and the intensity prior, k = 512, decoder
+depth 4), 4,000 steps at batch 2, AdamW lr 3e-4, 100 warmup steps, cosine to 0.1 x lr, seed 0, one torch
+thread, on 24 generated phantoms (seeds 0..23), ``example_ct.nii.gz`` and the ``example_ct_dicom`` series of ``../shared/data/ct/totalsegmentator``. The chest CTA there is NOT trained on:
 it is the held-out real CT of ``benchmarks/pretrain_quality.py`` and ``benchmarks/recon_init.py``.
 
     .venv/bin/python scripts/train_weights.py --work runs/medgmae_tiny                           # resumable
@@ -77,12 +77,11 @@ def main() -> int:
     args = parser.parse_args()
 
     if not args.slim_only:
-        cmd = [sys.executable, "-m", "medgmae_core.cli", "pretrain", "--config", "pretrain_tiny_cpu", "--data", *TRAINING_DATA,
-               "--model", "tiny", "--objective", args.objective, "--steps", str(args.steps), "--batch-size", "2",
-               "--lr", "3e-4", "--warmup-steps", "100", "--min-lr-ratio", "0.1", "--seed", "0",
+        # the optimisation settings come from the YAML; only this script's choices are flags
+        cmd = [sys.executable, "-m", "medgmae_core.cli", "pretrain", "--config", "pretrain_tiny_cpu",
+               "--data", *TRAINING_DATA, "--objective", args.objective, "--steps", str(args.steps),
                "--checkpoint-every", "500", "--keep-last", str(max(4, args.average_last)), "--log-every", "10",
-               "--num-workers", "0",
-               "--out", str(args.work), "--resume", "auto"]
+               "--num-workers", "0", "--out", str(args.work), "--resume", "auto"]
         print("running:", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
                                                    "NUMBA_NUM_THREADS": "1"})

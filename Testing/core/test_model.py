@@ -516,5 +516,6 @@ def test_models_without_the_prior_ignore_patch_means():
     x = volume(1)
     latent, _, ids_restore = model.forward_encoder(x, 0.5, torch.Generator().manual_seed(1))
     a = model.forward_decoder(latent, ids_restore)[0]
-    b = model.forward_decoder(latent, ids_restore, model.patch_means(x) * 0 + 1)[0]
+    assert model.intensity_prior_input(x) is None
+    b = model.forward_decoder(latent, ids_restore, torch.ones(1, model.num_patches))[0]
     torch.testing.assert_close(a.intensities, b.intensities, rtol=0, atol=0)

@@ -153,15 +153,18 @@ class MedGMAE(MaskedAutoencoder3D):
         m1, m2 = self.config.star_multipliers
         return n0 * (1 + m1 + m2) if self.config.star_combine == "sum" else n0 * m2
 
-    def patch_means(self, imgs: torch.Tensor) -> torch.Tensor:
-        """``[B, C, D, H, W]`` -> the mean of each patch ``[B, L]`` (the intensity prior's input)."""
+    def intensity_prior_input(self, imgs: torch.Tensor) -> torch.Tensor | None:
+        """``[B, C, D, H, W]`` -> the mean of each patch ``[B, L]``, which the intensity prior needs; None (nothing
+        computed) for models without the prior."""
+        if self.config.intensity_prior_radius <= 0:
+            return None
         return self.patchify(imgs).float().mean(dim=-1)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor,
                         patch_means: torch.Tensor | None = None) -> list[GaussianSet]:
         """-> Gaussian sets coarse to fine, in rendered units (see :meth:`to_volume_units`):
         ``[k]`` for MedGMAE, ``[N0, m1*N0, m2*N0]`` for MedGMAE*. ``patch_means [B, L]``: see
-        :meth:`patch_means` (used only with ``config.intensity_prior_radius > 0``)."""
+        :meth:`intensity_prior_input`."""
         gaussians, features, context = self.decoder(latent, ids_restore, patch_means)  # head units
         sets = [gaussians]
         for level in self.levels:
@@ -195,7 +198,7 @@ class MedGMAE(MaskedAutoencoder3D):
                 generator: torch.Generator | None = None) -> ModelOutput:
         self.check_input(imgs)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, generator)
-        sets = self.forward_decoder(latent, ids_restore, self.patch_means(imgs))
+        sets = self.forward_decoder(latent, ids_restore, self.intensity_prior_input(imgs))
         if len(sets) > 1 and self.config.star_combine == "sum":
             union = GaussianSet.cat(sets)
             pred = self.render(union)
@@ -253,7 +256,7 @@ class MedGMAE(MaskedAutoencoder3D):
 
     def _predict_once(self, volume, ratio, level, generator, noise) -> GaussianSet:
         latent, _, ids_restore = self.forward_encoder(volume, ratio, generator, noise)
-        sets = self.forward_decoder(latent, ids_restore, self.patch_means(volume))
+        sets = self.forward_decoder(latent, ids_restore, self.intensity_prior_input(volume))
         if level is not None:
             if not 0 <= level < len(sets):
                 raise ValueError(f"level must be in [0, {len(sets) - 1}] for objective {self.config.objective!r}, got {level}")

@@ -123,7 +123,7 @@ def evaluate_masked(model, windows: Sequence[EvalWindow], *, mask_ratio: float |
             ratio = model.resolve_mask_ratio(mask_ratio)
             latent, mask, ids_restore = model.forward_encoder(x, ratio, None, noise)
             if model.config.is_gaussian:
-                sets = model.forward_decoder(latent, ids_restore, model.patch_means(x))
+                sets = model.forward_decoder(latent, ids_restore, model.intensity_prior_input(x))
                 pred = model.render(sets[-1])
                 sigmas.append(largest_sigma_voxels(sets[-1], model.config.img_size))
             else:
