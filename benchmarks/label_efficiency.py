@@ -12,7 +12,8 @@ Phantom labels are renamed into TotalSegmentator ids so one label map names ever
 
 Without ``--encoder-*`` the two encoders are pre-trained here by short ``medgmae pretrain`` runs (same
 data, steps, seed; objectives ``gaussian`` and ``voxel``). Each (encoder, fraction) pair is fine-tuned
-with the same seed and steps; the table reports the validation Dice (final and best) per class.
+with the same steps once per ``--seeds`` entry; the table reports the mean and spread over seeds of
+the final validation Dice.
 Numbers are what they are: at CPU scale pre-training is short and differences may be small or reversed.
 """
 from __future__ import annotations
@@ -83,40 +84,52 @@ def pretrain(work: Path, objective: str, images: list[str], args: argparse.Names
     return ckpt
 
 
-def finetune_one(work: Path, datalist: Path, encoder: Path | None, fraction: float, name: str,
+def finetune_one(work: Path, datalist: Path, encoder: Path | None, fraction: float, name: str, seed: int,
                  args: argparse.Namespace) -> dict:
     from medgmae_core.commands import finetune as finetune_command
     from medgmae_core.seg import finetune
 
     parser = argparse.ArgumentParser()
     finetune_command.add_arguments(parser)
-    out = work / f"ft_{name}_{fraction:g}"
+    tag = f"{name}_{fraction:g}_seed{seed}"
+    out = work / f"ft_{tag}"
     argv = ["--data", str(datalist), "--label-map", str(TS / "labels_total_v2.json"), "--classes", ORGANS,
             "--label-fraction", str(fraction), "--spacing", str(args.spacing), "--roi", str(args.roi),
             "--feature-size", str(args.feature_size), "--steps", str(args.finetune_steps),
             "--val-every", str(args.val_every), "--checkpoint-every", str(args.finetune_steps),
             "--lr", str(args.lr), "--warmup", str(max(1, args.finetune_steps // 20)), "--layer-decay",
-            str(args.layer_decay), "--batch-size", "2", "--seed", str(args.seed), "--device", args.device,
+            str(args.layer_decay), "--batch-size", "2", "--seed", str(seed), "--device", args.device,
             "--json-lines", "--quiet", "--out", str(out)]
     if encoder is not None:
         argv += ["--encoder", str(encoder)]
     else:
         argv += ["--patch-size", str(args.patch_size)]
     t0 = time.time()
-    with open(work / f"ft_{name}_{fraction:g}.jsonl", "w") as log, contextlib.redirect_stdout(log):
+    with open(work / f"ft_{tag}.jsonl", "w") as log, contextlib.redirect_stdout(log):
         summary = finetune.run(finetune_command.settings_from_args(parser.parse_args(argv)))  # progress JSON lines go to the log
     hist = json.loads((out / "history.json").read_text())
     final = hist["val"][-1]
-    row = {"encoder": name, "label_fraction": fraction, "train_cases": summary["train_cases"],
+    row = {"encoder": name, "label_fraction": fraction, "seed": seed, "train_cases": summary["train_cases"],
            "dice_final": final["dice"], "dice_best": max(v["dice"] for v in hist["val"][1:]),
            "dice_untrained": hist["val"][0]["dice"], "dice_per_class_final": final["dice_per_class"],
            "dice_curve": [[v["step"], v["dice"]] for v in hist["val"]], "seconds": round(time.time() - t0, 1)}
-    print(f"  {name:8s} fraction {fraction:g}: Dice {row['dice_final']:.3f} (best {row['dice_best']:.3f}) "
+    print(f"  {name:8s} fraction {fraction:g} seed {seed}: Dice {row['dice_final']:.3f} (best {row['dice_best']:.3f}) "
           f"{row['seconds']:.0f} s", file=sys.stderr, flush=True)
     return row
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Mean, sample standard deviation, min and max of the final Dice over seeds, per encoder@fraction."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['encoder']}@{r['label_fraction']:g}", []).append(r["dice_final"])
+    return {key: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else None,
+                  "min": round(float(min(v)), 4), "max": round(float(max(v)), 4), "seeds": len(v)}
+            for key, v in groups.items()}
+
+
 def bar_chart(rows: list[dict], path: Path, title: str) -> None:
+    """Mean final Dice per encoder and fraction; whiskers span the seeds' min..max, dots are the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,12 +141,17 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     width = 0.8 / len(encoders)
     colors = {"scratch": "0.6", "voxel": "tab:blue", "gaussian": "tab:orange"}
     for i, enc in enumerate(encoders):
-        vals = [next((r["dice_final"] for r in rows if r["encoder"] == enc and r["label_fraction"] == f), np.nan)
-                for f in fractions]
+        per_fraction = [[r["dice_final"] for r in rows if r["encoder"] == enc and r["label_fraction"] == f]
+                        for f in fractions]
+        means = np.array([np.mean(v) if v else np.nan for v in per_fraction])
+        low = np.array([means[j] - min(v) if v else 0.0 for j, v in enumerate(per_fraction)])
+        high = np.array([max(v) - means[j] if v else 0.0 for j, v in enumerate(per_fraction)])
         xs = np.arange(len(fractions)) + (i - (len(encoders) - 1) / 2) * width
-        bars = ax.bar(xs, vals, width, label={"voxel": "voxel MAE", "gaussian": "MedGMAE"}.get(enc, enc),
-                      color=colors.get(enc))
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        bars = ax.bar(xs, means, width, yerr=np.stack([low, high]), capsize=3, color=colors.get(enc),
+                      label={"voxel": "voxel MAE", "gaussian": "MedGMAE"}.get(enc, enc))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=8)
+        for x, v in zip(xs, per_fraction):
+            ax.plot([x] * len(v), v, "k.", markersize=3)
     ax.set_xticks(np.arange(len(fractions)), [f"{100 * f:g}% labels" for f in fractions])
     ax.set_ylabel("validation Dice (liver, spleen, kidneys)")
     ax.set_ylim(0, 1)
@@ -166,7 +184,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--layer-decay", type=float, default=0.75)
     p.add_argument("--feature-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of pre-training here")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="fine-tuning seeds (label subset, initialisation, batches); the table reports their spread")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = p.parse_args()
@@ -194,10 +214,20 @@ def main() -> int:
     encoders["gaussian"] = (Path(args.encoder_gaussian) if args.encoder_gaussian
                             else pretrain(work, "gaussian", images, args))
 
+    # One line per finished fine-tune, so a stopped benchmark continues where it was (same --work).
+    done_log = work / "rows.jsonl"
+    done = {(r["encoder"], r["label_fraction"], r["seed"]): r
+            for r in map(json.loads, done_log.read_text().splitlines() if done_log.exists() else [])}
     rows = []
-    for fraction in args.fractions:
-        for name, enc in encoders.items():
-            rows.append(finetune_one(work, datalist, enc, fraction, name, args))
+    for seed in args.seeds:
+        for fraction in args.fractions:
+            for name, enc in encoders.items():
+                row = done.get((name, fraction, seed))
+                if row is None:
+                    row = finetune_one(work, datalist, enc, fraction, name, seed, args)
+                    with open(done_log, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                rows.append(row)
 
     result = {
         "benchmark": "label_efficiency",
@@ -207,15 +237,18 @@ def main() -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
         "encoders": {k: (str(v) if v else None) for k, v in encoders.items()},
         "rows": rows,
-        "table": {f"{r['encoder']}@{r['label_fraction']:g}": round(r["dice_final"], 4) for r in rows},
+        "table": summarize(rows),
         "total_seconds": round(time.time() - t0, 1),
-        "note": "CPU scale: tiny ViT, short pre-training and fine-tuning, 6 mm voxels; one seed. "
+        "note": f"CPU scale: tiny ViT, {args.finetune_steps} fine-tuning steps at {args.spacing:g} mm, "
+                f"roi {args.roi}; seeds {args.seeds} (table: mean, sample std, min, max over seeds). "
                 "Validation Dice is the mean over classes of the per-class mean over validation cases.",
     }
     write_json(out, result)
     chart = out.with_suffix(".png")
-    bar_chart(rows, chart, f"label efficiency (CPU scale: {args.pretrain_steps} pre-training, "
-                           f"{args.finetune_steps} fine-tuning steps)")
+    pretraining = ("given encoders" if args.encoder_gaussian and args.encoder_voxel
+                   else f"{args.pretrain_steps} pre-training steps")
+    bar_chart(rows, chart, f"label efficiency (CPU scale: {pretraining}, {args.finetune_steps} fine-tuning "
+                           f"steps, {len(args.seeds)} seed(s))")
     print(json.dumps(result["table"], indent=1))
     print(f"wrote {out} and {chart}", file=sys.stderr)
     return 0
