@@ -113,8 +113,8 @@ def finetune_one(work: Path, datalist: Path, encoder: Path | None, fraction: flo
            "dice_final": final["dice"], "dice_best": max(v["dice"] for v in hist["val"][1:]),
            "dice_untrained": hist["val"][0]["dice"], "dice_per_class_final": final["dice_per_class"],
            "dice_curve": [[v["step"], v["dice"]] for v in hist["val"]], "seconds": round(time.time() - t0, 1)}
-    print(f"  {name:8s} fraction {fraction:g} seed {seed}: Dice {row['dice_final']:.3f} (best {row['dice_best']:.3f}) "
-          f"{row['seconds']:.0f} s", file=sys.stderr, flush=True)
+    print(f"  {name:8s} fraction {fraction:g} seed {seed}: Dice {row['dice_final']:.3f} "
+          f"(best {row['dice_best']:.3f}) {row['seconds']:.0f} s", file=sys.stderr, flush=True)
     return row
 
 
@@ -123,7 +123,8 @@ def summarize(rows: list[dict]) -> dict:
     groups: dict[str, list[float]] = {}
     for r in rows:
         groups.setdefault(f"{r['encoder']}@{r['label_fraction']:g}", []).append(r["dice_final"])
-    return {key: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else None,
+    return {key: {"mean": round(float(np.mean(v)), 4),
+                  "std": round(float(np.std(v, ddof=1)), 4) if len(v) > 1 else None,
                   "min": round(float(min(v)), 4), "max": round(float(max(v)), 4), "seeds": len(v)}
             for key, v in groups.items()}
 
@@ -214,10 +215,12 @@ def main() -> int:
     encoders["gaussian"] = (Path(args.encoder_gaussian) if args.encoder_gaussian
                             else pretrain(work, "gaussian", images, args))
 
-    # One line per finished fine-tune, so a stopped benchmark continues where it was (same --work).
+    # One line per finished fine-tune, so a stopped benchmark continues where it was (same --work); a row is
+    # reused only if it was fine-tuned with the same settings and encoders.
     done_log = work / "rows.jsonl"
-    done = {(r["encoder"], r["label_fraction"], r["seed"]): r
-            for r in map(json.loads, done_log.read_text().splitlines() if done_log.exists() else [])}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "work", "seeds", "fractions")}
+    logged = map(json.loads, done_log.read_text().splitlines() if done_log.exists() else [])
+    done = {(r["encoder"], r["label_fraction"], r["seed"]): r for r in logged if r.pop("settings", None) == settings}
     rows = []
     for seed in args.seeds:
         for fraction in args.fractions:
@@ -226,7 +229,7 @@ def main() -> int:
                 if row is None:
                     row = finetune_one(work, datalist, enc, fraction, name, seed, args)
                     with open(done_log, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                        f.write(json.dumps({**row, "settings": settings}) + "\n")
                 rows.append(row)
 
     result = {

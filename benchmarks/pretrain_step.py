@@ -138,7 +138,8 @@ def bench_objective(objective: str, args, imgs: torch.Tensor) -> dict:
     }
     if config.is_gaussian:
         with torch.no_grad():
-            g = model.forward_decoder(*model.forward_encoder(imgs[:1], None)[::2], model.intensity_prior_input(imgs[:1]))[-1]
+            latent, _, ids_restore = model.forward_encoder(imgs[:1], None)
+            g = model.forward_decoder(latent, ids_restore, model.intensity_prior_input(imgs[:1]))[-1]
         record["render_backend"] = resolve_backend(g, config.render_backend)
     return record
 

@@ -320,7 +320,8 @@ def merge_results(paths: list[Path]) -> dict:
         merged["inits"] += [m for m in part["inits"] if m not in merged["inits"]]
         merged["counts"].update({m: part["counts"].get(m) for m in part["inits"]})
         merged["speed_check"] = merged.get("speed_check") or part.get("speed_check")
-        merged["checkpoint_by_init"].update({m: part.get("checkpoint") for m in part["inits"] if m.startswith("medgmae")})
+        merged["checkpoint_by_init"].update(
+            {m: part.get("checkpoint") for m in part["inits"] if m.startswith("medgmae")})
         for scan in part["scans"]:
             key = (scan["volume"], scan["views"])
             if key not in by_key:

@@ -4,7 +4,8 @@
 The recipe of ``medgmae_core/weights/medgmae_tiny.pt`` (issue 10): ``pretrain_tiny_cpu.yaml``, i.e. the
 ``tiny`` configuration (anchored Gaussian queries with local context and the intensity prior, k = 512, decoder
 depth 4), 4,000 steps at batch 2, AdamW lr 3e-4, 100 warmup steps, cosine to 0.1 x lr, seed 0, one torch
-thread, on 24 generated phantoms (seeds 0..23), ``example_ct.nii.gz`` and the ``example_ct_dicom`` series of ``../shared/data/ct/totalsegmentator``. The chest CTA there is NOT trained on:
+thread, on 24 generated phantoms (seeds 0..23), ``example_ct.nii.gz`` and the ``example_ct_dicom`` series of
+``../shared/data/ct/totalsegmentator``. The chest CTA there is NOT trained on:
 it is the held-out real CT of ``benchmarks/pretrain_quality.py`` and ``benchmarks/recon_init.py``.
 
     .venv/bin/python scripts/train_weights.py --work runs/medgmae_tiny                           # resumable
@@ -21,6 +22,7 @@ levels need it to stay under 20 MB); they load into the float32 model unchanged 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +85,7 @@ def main() -> int:
                "--checkpoint-every", "500", "--keep-last", str(max(4, args.average_last)), "--log-every", "10",
                "--num-workers", "0", "--out", str(args.work), "--resume", "auto"]
         print("running:", " ".join(cmd), flush=True)
-        code = subprocess.call(cmd, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
-                                                   "NUMBA_NUM_THREADS": "1"})
+        code = subprocess.call(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
         if code != 0:
             return code
     args.dest.parent.mkdir(parents=True, exist_ok=True)
