@@ -73,6 +73,33 @@ def test_shipped_example_configs_are_valid(name):
     assert config.img_size == (96, 96, 96) and cfg["data"] == ["phantom:1"]
 
 
+def test_a_runs_config_yaml_rebuilds_its_model_and_shipped_names_take_the_suffix(tmp_path):
+    """``--config RUN/config.yaml`` (settings plus the recorded ``model_config``) rebuilds the run's model."""
+    from medgmae_core.train.pretrain import _write_config_yaml
+    defaults = {k: v for k, (v, _) in pretrain_settings.SETTINGS.items()}
+    cfg = pretrain_settings.validate_settings({**defaults, "data": ["phantom:1"], "model_overrides": {
+        "intensity_prior_radius": 0.7, "decoder_depth": 2}})
+    model_config = pretrain_settings.build_model_config(cfg)
+    _write_config_yaml(pretrain_settings.PretrainSettings.from_dict(cfg), model_config, tmp_path / "config.yaml")
+    read = pretrain_settings.load_settings_yaml(tmp_path / "config.yaml")
+    assert "model_config" not in read and read["model_overrides"]["intensity_prior_radius"] == 0.7
+    rebuilt = pretrain_settings.build_model_config(pretrain_settings.validate_settings({**defaults, **read}))
+    assert rebuilt == model_config and rebuilt.decoder_depth == 2
+    # explicit model_overrides win over the recorded model
+    text = (tmp_path / "config.yaml").read_text() + "model_overrides: {decoder_depth: 3}\n"
+    text = text.replace("model_overrides:\n  intensity_prior_radius: 0.7\n  decoder_depth: 2\n", "")
+    (tmp_path / "edited.yaml").write_text(text)
+    edited = pretrain_settings.load_settings_yaml(tmp_path / "edited.yaml")
+    assert edited["model_overrides"]["decoder_depth"] == 3 and edited["model_overrides"]["intensity_prior_radius"] == 0.7
+    (tmp_path / "bad.yaml").write_text("data: phantom:1\nmodel_config: 3\n")
+    with pytest.raises(ValueError, match="bad.yaml: model_config must be a mapping"):
+        pretrain_settings.load_settings_yaml(tmp_path / "bad.yaml")
+    shipped = pretrain_settings.resolve_config_path("tiny_cpu")
+    assert pretrain_settings.resolve_config_path("pretrain_tiny_cpu.yaml") == shipped
+    with pytest.raises(FileNotFoundError, match="nothing.yaml.*shipped examples: .*pretrain_tiny_cpu"):
+        pretrain_settings.resolve_config_path("nothing.yaml")
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     code = cli.main(["pretrain", "--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err

@@ -127,7 +127,8 @@ def resolve_config_path(name: str | Path) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"pretrain_{name}.yaml"):
+    stem = path.name.removesuffix(".yaml")
+    for candidate in (CONFIG_DIR / f"{stem}.yaml", CONFIG_DIR / f"pretrain_{stem}.yaml"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"config file not found: {path} (shipped examples: {', '.join(shipped_configs())})")
@@ -150,12 +151,25 @@ def read_settings_yaml(path: str | Path, known: Any) -> dict[str, Any]:
     return {k: v for k, v in content.items() if v is not None}
 
 
+# ModelConfig fields that top-level settings own (build_model_config sets them from the settings).
+_SETTINGS_OWNED_MODEL_FIELDS = ("name", "img_size", "patch_size", "num_gaussians", "objective", "mask_ratio", "loss")
+
+
 def load_settings_yaml(path: str | Path) -> dict[str, Any]:
-    """Pre-training settings from a YAML file or a shipped example's name; ``null`` values count as not given."""
+    """Pre-training settings from a YAML file or a shipped example's name; ``null`` values count as not given.
+
+    A run's own ``config.yaml`` also records its resolved ``model_config``; read back, that section becomes
+    ``model_overrides`` (explicit ``model_overrides`` win), so ``--config RUN/config.yaml`` rebuilds the same model.
+    """
     path = resolve_config_path(path)
-    content = read_settings_yaml(path, SETTINGS)
-    if not isinstance(content.get("model_overrides") or {}, dict):
-        raise ValueError(f"{path}: model_overrides must be a mapping of ModelConfig fields")
+    content = read_settings_yaml(path, [*SETTINGS, "model_config"])
+    for key in ("model_overrides", "model_config"):
+        if not isinstance(content.get(key) or {}, dict):
+            raise ValueError(f"{path}: {key} must be a mapping of ModelConfig fields")
+    recorded = content.pop("model_config", None) or {}
+    if recorded:
+        recorded = {k: v for k, v in recorded.items() if k not in _SETTINGS_OWNED_MODEL_FIELDS}
+        content["model_overrides"] = {**recorded, **(content.get("model_overrides") or {})}
     return content
 
 
