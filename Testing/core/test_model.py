@@ -475,6 +475,35 @@ def test_evaluation_window_mask_is_the_mask_the_model_is_scored_on():
     assert torch.equal(ev.window_mask(model, 7), expected) and 0 < expected.float().mean() < 1
 
 
+def test_interpolation_baseline_is_scipys_normalised_convolution_and_is_scored():
+    from scipy import ndimage
+
+    from medgmae_core.train import evaluation as ev
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 20, 18, 16, generator=gen, dtype=torch.float64)
+    visible = torch.rand(2, 1, 20, 18, 16, generator=gen) > 0.7
+    for i in range(2):  # the blur is scipy's gaussian_filter with zeros outside
+        torch.testing.assert_close(ev.gaussian_blur(x[i:i + 1], 2.5)[0, 0],
+                                   torch.from_numpy(ndimage.gaussian_filter(x[i, 0].numpy(), 2.5, mode="constant")),
+                                   rtol=0, atol=1e-10)
+    out = ev.interpolate_visible(x, visible, 2.5)
+    num = ndimage.gaussian_filter((x[0, 0] * visible[0, 0]).numpy(), 2.5, mode="constant")
+    den = ndimage.gaussian_filter(visible[0, 0].double().numpy(), 2.5, mode="constant")
+    torch.testing.assert_close(out[0, 0], torch.from_numpy(num / den), rtol=0, atol=1e-9)
+    # a constant volume is filled exactly, even where no visible voxel reaches (the visible mean)
+    flat = torch.full((1, 1, 40, 8, 8), 0.3, dtype=torch.float64)
+    corner = torch.zeros_like(flat, dtype=torch.bool)
+    corner[..., :2, :2, :2] = True
+    torch.testing.assert_close(ev.interpolate_visible(flat, corner, 1.0), flat, rtol=0, atol=1e-12)
+    # evaluate_masked reports it: on a smooth ramp it beats the constant by far
+    model = small_model()
+    ramp = torch.linspace(0, 1, 24).view(24, 1, 1).expand(24, 24, 24).clone()
+    result = ev.evaluate_masked(model, [ev.EvalWindow("ramp", ramp)])
+    assert result["psnr_interpolation"] > result["psnr_constant"] + 5
+    assert result["gain_over_interpolation_db"] == pytest.approx(result["psnr"] - result["psnr_interpolation"])
+
+
 def test_local_context_weights_nearby_tokens_and_batches_per_sample_queries():
     from medgmae_core.model.vit import local_context
 
