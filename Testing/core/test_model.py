@@ -342,6 +342,20 @@ def test_masked_loss_uses_only_masked_voxels_release_loss_whole_volume():
     assert torch.allclose(model.forward_loss(x + noise, pred, mask), release)  # target is x * mask
 
 
+def test_visible_loss_weight_adds_the_weighted_visible_mse():
+    model = small_model(visible_loss_weight=0.25)
+    x, pred = volume(2), volume(2, seed=1)
+    mask = torch.zeros(2, 64)
+    mask[:, ::3] = 1
+    mv = model.mask_volume(mask).bool()
+    expected = ((pred - x) ** 2)[mv].mean() + 0.25 * ((pred - x) ** 2)[~mv].mean()
+    assert torch.allclose(model.forward_loss(x, pred, mask), expected)
+    with pytest.raises(ValueError, match="visible_loss_weight must be >= 0"):
+        get_config("tiny", visible_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="visible_loss_weight adds to the masked loss"):
+        get_config("tiny", objective="voxel", visible_loss_weight=0.5)
+
+
 @pytest.mark.parametrize("objective, overrides", [
     ("gaussian", {}), ("gaussian", {"loss": "release"}), ("gaussian_star", {}),
     ("gaussian_star", {"star_combine": "sum"}), ("voxel", {}), ("gaussian", {"intensity_prior_radius": 0.5}),

@@ -86,6 +86,9 @@ class ModelConfig:
     both ``r = 0.5`` and ``r = 1`` reach about +3.5 dB and ``r = 0.5`` grows the median largest sigma past 8
     voxels (8.8 against 7.7), so the CPU recipe (``pretrain_tiny_cpu.yaml``) uses ``r = 1``.
 
+    **Visible loss** (``visible_loss_weight`` w; 0 = off, the paper's loss): the Gaussian loss becomes
+    ``MSE(masked voxels) + w * MSE(visible voxels)``, so the render must also reproduce what the encoder saw.
+
     **Scale coupling.** The initial render's mean over the window is
     ``k * c * I0 * (2 pi)^(3/2) * s0_D * s0_H * s0_W`` (each Gaussian's integral, all mass inside). The
     initial scale is ``s0 = init_scale_ratio * h`` per axis (for ``"free"``: ``init_scale_ratio * k^(-1/3)``),
@@ -133,6 +136,7 @@ class ModelConfig:
     objective: str = "gaussian"
     mask_ratio: float = 0.75
     loss: str = "masked"
+    visible_loss_weight: float = 0.0
     gaussian_layout: str = "anchored"
     decoder_context_radius: float = 1.0
     intensity_prior_radius: float = 0.0
@@ -197,6 +201,11 @@ class ModelConfig:
         if self.objective == "voxel" and self.loss != "masked":
             raise ValueError("loss='release' applies to the Gaussian objectives only; "
                              "objective='voxel' uses the masked-patch MSE (loss='masked')")
+        if self.visible_loss_weight < 0:
+            raise ValueError(f"visible_loss_weight must be >= 0 (0: off), got {self.visible_loss_weight}")
+        if self.visible_loss_weight > 0 and (self.loss != "masked" or not self.is_gaussian):
+            raise ValueError("visible_loss_weight adds to the masked loss of the Gaussian objectives "
+                             f"(got objective {self.objective!r}, loss {self.loss!r})")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.render_convention not in RENDER_CONVENTIONS:

@@ -187,12 +187,17 @@ class MedGMAE(MaskedAutoencoder3D):
         return vol[:, None]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``loss="masked"`` (paper): MSE over the voxels of masked patches. ``loss="release"``:
-        MSE between the render and ``imgs * mask_volume`` over the whole volume."""
+        """``loss="masked"`` (paper): MSE over the voxels of masked patches, plus ``visible_loss_weight`` times
+        the MSE over the visible voxels. ``loss="release"``: MSE between the render and ``imgs * mask_volume``
+        over the whole volume."""
         mask_vol = self.mask_volume(mask)  # [B, 1, D, H, W]
         if self.config.loss == "release":
             return ((pred.float() - imgs.float() * mask_vol) ** 2).mean()
-        return self.masked_mean((pred.float() - imgs.float()) ** 2, mask_vol)
+        squared = (pred.float() - imgs.float()) ** 2
+        loss = self.masked_mean(squared, mask_vol)
+        if self.config.visible_loss_weight > 0:
+            loss = loss + self.config.visible_loss_weight * self.masked_mean(squared, 1 - mask_vol)
+        return loss
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
                 generator: torch.Generator | None = None) -> ModelOutput:
