@@ -554,6 +554,32 @@ def test_intensity_prior_starts_from_the_visible_level_and_follows_the_input():
         model.forward_decoder(latent, ids_restore)
 
 
+def test_interpolation_prior_is_the_visible_interpolation_at_each_anchor():
+    from medgmae_core.model.interpolation import interpolate_visible, sample_at
+
+    model = small_model(intensity_prior_radius=1.0, intensity_prior_sigma=0.25).eval()
+    model.decoder.heads.head_intensity.weight.data.zero_()  # no correction: the prior alone
+    c, peak = model.config.effective_intensity_scale, model.config.peak_value
+    flat = torch.full((1, 1, 24, 24, 24), 0.6)
+    g = model.predict_gaussians(flat, mask_policy="single")
+    torch.testing.assert_close(g.intensities / c, torch.full_like(g.intensities, 0.6 / peak), rtol=0, atol=1e-5)
+    # a hidden patch gets the interpolation of its visible neighbours: compare with the field computed here
+    x = volume(1)
+    noise = torch.rand(1, model.num_patches, generator=torch.Generator().manual_seed(3))
+    latent, mask, ids_restore = model.forward_encoder(x, 0.75, None, noise)
+    sets = model.forward_decoder(latent, ids_restore, model.intensity_prior_input(x))
+    sigma_vox = 0.25 * model.config.patch_size[0]
+    field = interpolate_visible(x, model.mask_volume(mask) < 0.5, sigma_vox)
+    expected = sample_at(field, model.decoder.heads.anchors[None]) / peak
+    torch.testing.assert_close(sets[-1].intensities / c, expected, rtol=0, atol=1e-5)
+    # sample_at reads voxel centres exactly: voxel i sits at (i + 0.5) / N
+    idx = torch.tensor([[0, 5, 23], [7, 7, 7]])
+    points = (idx.float() + 0.5) / 24
+    torch.testing.assert_close(sample_at(x, points[None]), x[0, 0, idx[:, 0], idx[:, 1], idx[:, 2]][None])
+    with pytest.raises(ValueError, match="intensity_prior_sigma picks the interpolation prior"):
+        get_config("tiny", intensity_prior_sigma=0.25)
+
+
 def test_models_without_the_prior_ignore_patch_means():
     model = small_model().eval()
     x = volume(1)

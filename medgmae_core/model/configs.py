@@ -86,6 +86,11 @@ class ModelConfig:
     both ``r = 0.5`` and ``r = 1`` reach about +3.5 dB and ``r = 0.5`` grows the median largest sigma past 8
     voxels (8.8 against 7.7), so the CPU recipe (``pretrain_tiny_cpu.yaml``) uses ``r = 1``.
 
+    **Interpolation prior** (``intensity_prior_sigma``, patch units; 0 = off: the patch-mean prior above): ``b_j``
+    is instead the interpolation of the visible voxels (normalised convolution with a Gaussian of
+    ``intensity_prior_sigma`` patches, :func:`~medgmae_core.model.interpolation.interpolate_visible`) at anchor
+    ``j``. It needs ``intensity_prior_radius > 0`` (the prior on); the radius is then unused.
+
     **Visible loss** (``visible_loss_weight`` w; 0 = off, the paper's loss): the Gaussian loss becomes
     ``MSE(masked voxels) + w * MSE(visible voxels)``, so the render must also reproduce what the encoder saw.
 
@@ -140,6 +145,7 @@ class ModelConfig:
     gaussian_layout: str = "anchored"
     decoder_context_radius: float = 1.0
     intensity_prior_radius: float = 0.0
+    intensity_prior_sigma: float = 0.0
     init_scale_ratio: float = 0.5
     min_scale_ratio: float = 0.04
     max_scale_ratio: float = 1.0
@@ -225,6 +231,11 @@ class ModelConfig:
         if self.intensity_prior_radius > 0 and (self.gaussian_layout != "anchored" or not self.is_gaussian):
             raise ValueError("intensity_prior_radius needs the Gaussian objectives with gaussian_layout='anchored' "
                              f"(got objective {self.objective!r}, layout {self.gaussian_layout!r})")
+        if self.intensity_prior_sigma < 0:
+            raise ValueError(f"intensity_prior_sigma must be >= 0 (0: the patch-mean prior), got {self.intensity_prior_sigma}")
+        if self.intensity_prior_sigma > 0 and self.intensity_prior_radius <= 0:
+            raise ValueError("intensity_prior_sigma picks the interpolation prior; it needs the prior on "
+                             "(intensity_prior_radius > 0)")
         for name in ("anchor_offset_ratio", "target_mean", "peak_value"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -135,6 +135,7 @@ class GaussianDecoder(nn.Module):
         self.register_buffer("patch_coords", patch_coordinates(config.grid_size), persistent=False)  # [L, 3]
         self.context_proj = nn.Linear(dim, dim) if self.context_radius > 0 else None
         self.prior_radius = config.intensity_prior_radius
+        self.prior_from_levels = config.intensity_prior_sigma > 0
         self.peak_value = config.peak_value
         self.decoder_blocks = transformer_blocks(dim, config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
         self.decoder_norm = nn.LayerNorm(dim)
@@ -153,7 +154,8 @@ class GaussianDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, patch_means: torch.Tensor | None = None
                 ) -> tuple[GaussianSet, torch.Tensor, torch.Tensor]:
         """latent ``[B, 1 + L_keep, E]``, ids_restore ``[B, L]``, patch_means ``[B, L]`` (the input's mean per
-        patch; needed by the intensity prior, ignored without it) ->
+        patch; needed by the intensity prior, ignored without it; with the interpolation prior, the level at each
+        anchor ``[B, k]`` instead) ->
         (Gaussians ``k``, query features ``[B, k, dim]``, context ``[B, 1 + L_keep, dim]``: the
         decoded cls and visible tokens, for MedGMAE*'s residual levels)."""
         x = self.decoder_embed(latent)  # [B, 1 + L_keep, dim]
@@ -177,5 +179,8 @@ class GaussianDecoder(nn.Module):
         if self.prior_radius > 0:
             if patch_means is None:
                 raise ValueError("this model's intensity prior needs patch_means [B, L] (the input's mean per patch)")
-            prior = self.intensity_prior(patch_means, ids_keep)  # [B, k]
+            if self.prior_from_levels:
+                prior = (patch_means.float() / self.peak_value).clamp(PRIOR_EPS, 1 - PRIOR_EPS)  # [B, k]
+            else:
+                prior = self.intensity_prior(patch_means, ids_keep)  # [B, k]
         return self.heads(query_features, prior), query_features, context

@@ -15,6 +15,7 @@ from ..gaussians import GaussianSet
 from ..render import render_volume
 from .configs import ModelConfig, get_config
 from .gaussian_decoder import GaussianDecoder, anchor_grid, anchor_patch_index
+from .interpolation import interpolate_visible, sample_at
 from .precision import fp32_autocast_off
 from .residual_levels import build_residual_levels
 from .vit import ViTEncoder3D
@@ -154,17 +155,30 @@ class MedGMAE(MaskedAutoencoder3D):
         return n0 * (1 + m1 + m2) if self.config.star_combine == "sum" else n0 * m2
 
     def intensity_prior_input(self, imgs: torch.Tensor) -> torch.Tensor | None:
-        """``[B, C, D, H, W]`` -> the mean of each patch ``[B, L]``, which the intensity prior needs; None (nothing
-        computed) for models without the prior."""
+        """``[B, C, D, H, W]`` -> what the intensity prior needs: the mean of each patch ``[B, L]``, or for the
+        interpolation prior the volume itself; None (nothing computed) for models without the prior."""
         if self.config.intensity_prior_radius <= 0:
             return None
+        if self.config.intensity_prior_sigma > 0:
+            return imgs.float()
         return self.patchify(imgs).float().mean(dim=-1)
+
+    def interpolated_levels(self, imgs: torch.Tensor, ids_restore: torch.Tensor, num_visible: int) -> torch.Tensor:
+        """The interpolation of the visible voxels of ``imgs [B, 1, D, H, W]`` at the anchors -> ``[B, k]``."""
+        mask = torch.ones(ids_restore.shape, device=imgs.device)  # [B, L], 1 = hidden, in shuffled order
+        mask[:, :num_visible] = 0
+        mask = torch.gather(mask, 1, ids_restore)  # [B, L] in patch order
+        sigma_vox = self.config.intensity_prior_sigma * sum(self.config.patch_size) / 3
+        field = interpolate_visible(imgs.float(), self.mask_volume(mask) < 0.5, sigma_vox)  # [B, 1, D, H, W]
+        return sample_at(field, self.decoder.heads.anchors[None])  # [B, k]
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor,
                         patch_means: torch.Tensor | None = None) -> list[GaussianSet]:
         """-> Gaussian sets coarse to fine, in rendered units (see :meth:`to_volume_units`):
         ``[k]`` for MedGMAE, ``[N0, m1*N0, m2*N0]`` for MedGMAE*. ``patch_means [B, L]``: see
         :meth:`intensity_prior_input`."""
+        if patch_means is not None and self.config.intensity_prior_sigma > 0:  # the volume: interpolation prior
+            patch_means = self.interpolated_levels(patch_means, ids_restore, latent.shape[1] - 1)
         gaussians, features, context = self.decoder(latent, ids_restore, patch_means)  # head units
         sets = [gaussians]
         for level in self.levels:

@@ -24,6 +24,7 @@ from ..data.transforms import window_hu
 from ..data.volumes import read_volume
 from ..gaussians import GaussianSet
 from ..inference import extract_window, prepare_ct
+from ..model.interpolation import gaussian_blur, interpolate_visible  # noqa: F401  (re-exported)
 
 HELDOUT_PHANTOM_SEED = 1000  # training uses phantom seeds 0..N-1; held-out phantoms start here
 BODY_THRESHOLD = 0.1  # windowed value ~ -132 HU: between air/lung and fat
@@ -96,35 +97,6 @@ def window_mask(model, seed: int, mask_ratio: float | None = None) -> torch.Tens
     hidden = torch.ones(1, model.num_patches)
     hidden[0, torch.argsort(noise[0])[:keep]] = 0
     return model.mask_volume(hidden)[0, 0].bool()
-
-
-def gaussian_blur(x: torch.Tensor, sigma_vox: float, truncate: float = 4.0) -> torch.Tensor:
-    """``x [B, 1, D, H, W]`` blurred by a separable Gaussian of ``sigma_vox`` voxels, zeros outside the volume
-    (``scipy.ndimage.gaussian_filter(mode="constant", truncate=truncate)`` per item)."""
-    radius = int(truncate * sigma_vox + 0.5)
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma_vox) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    out = x
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        out = torch.nn.functional.conv3d(out, kernel.view(shape), padding=tuple(padding))
-    return out
-
-
-def interpolate_visible(x: torch.Tensor, visible: torch.Tensor, sigma_vox: float) -> torch.Tensor:
-    """The interpolation baseline: ``blur(x * visible) / blur(visible)`` (normalised convolution) for
-    ``x, visible [B, 1, D, H, W]``; voxels no visible voxel reaches get the mean of the visible voxels."""
-    weight = visible.to(x.dtype)
-    numerator = gaussian_blur(x * weight, sigma_vox)
-    denominator = gaussian_blur(weight, sigma_vox)
-    counts = weight.sum(dim=(1, 2, 3, 4), keepdim=True)
-    visible_mean = (x * weight).sum(dim=(1, 2, 3, 4), keepdim=True) / counts.clamp_min(1)
-    reached = denominator > 1e-6
-    return torch.where(reached, numerator / denominator.clamp_min(1e-6), visible_mean.expand_as(x))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
