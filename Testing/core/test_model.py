@@ -555,7 +555,8 @@ def test_intensity_prior_starts_from_the_visible_level_and_follows_the_input():
 
 
 def test_interpolation_prior_is_the_visible_interpolation_at_each_anchor():
-    from medgmae_core.model.interpolation import interpolate_visible, sample_at
+    from medgmae_core.model.gaussian_decoder import anchor_grid
+    from medgmae_core.model.interpolation import interpolate_visible, interpolate_visible_on_grid
 
     model = small_model(intensity_prior_radius=1.0, intensity_prior_sigma=0.25).eval()
     model.decoder.heads.head_intensity.weight.data.zero_()  # no correction: the prior alone
@@ -563,19 +564,28 @@ def test_interpolation_prior_is_the_visible_interpolation_at_each_anchor():
     flat = torch.full((1, 1, 24, 24, 24), 0.6)
     g = model.predict_gaussians(flat, mask_policy="single")
     torch.testing.assert_close(g.intensities / c, torch.full_like(g.intensities, 0.6 / peak), rtol=0, atol=1e-5)
-    # a hidden patch gets the interpolation of its visible neighbours: compare with the field computed here
+    # slow reference: the normalised convolution summed voxel by voxel at each anchor (voxel a * (N - 1))
     x = volume(1)
     noise = torch.rand(1, model.num_patches, generator=torch.Generator().manual_seed(3))
-    latent, mask, ids_restore = model.forward_encoder(x, 0.75, None, noise)
-    sets = model.forward_decoder(latent, ids_restore, model.intensity_prior_input(x))
-    sigma_vox = 0.25 * model.config.patch_size[0]
-    field = interpolate_visible(x, model.mask_volume(mask) < 0.5, sigma_vox)
-    expected = sample_at(field, model.decoder.heads.anchors[None]) / peak
-    torch.testing.assert_close(sets[-1].intensities / c, expected, rtol=0, atol=1e-5)
-    # sample_at reads voxel centres exactly: voxel i sits at (i + 0.5) / N
-    idx = torch.tensor([[0, 5, 23], [7, 7, 7]])
-    points = (idx.float() + 0.5) / 24
-    torch.testing.assert_close(sample_at(x, points[None]), x[0, 0, idx[:, 0], idx[:, 1], idx[:, 2]][None])
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(x, 0.75, None, noise)
+        sets = model.forward_decoder(latent, ids_restore, model.intensity_prior_input(x))
+    sigma = 0.25 * model.config.patch_size[0]
+    visible = (model.mask_volume(mask) < 0.5)[0, 0].double()
+    grid = torch.stack(torch.meshgrid(*[torch.arange(24.0, dtype=torch.float64)] * 3, indexing="ij"), -1)
+    for j in range(model.config.num_gaussians):
+        centre = anchor_grid(model.config)[j] * 23
+        offset = (grid - centre).abs()
+        w = torch.exp(-0.5 * ((grid - centre) ** 2).sum(-1) / sigma ** 2) * (offset <= int(4 * sigma + 0.5)).all(-1)
+        reached = (w * visible).sum() > 0  # else no visible voxel within reach: the mean of the visible voxels
+        level = (w * visible * x[0, 0]).sum() / (w * visible).sum() if reached else x[0, 0][visible > 0].mean()
+        torch.testing.assert_close(float(sets[-1].intensities[0, j] / c), float(level / peak), rtol=0, atol=1e-5)
+    # on integer grid points it is exactly the whole-volume interpolation
+    axes = [torch.tensor([0.0, 5, 23]), torch.tensor([2.0, 11]), torch.tensor([7.0])]
+    on_grid = interpolate_visible_on_grid(x.double(), visible[None, None] > 0, sigma, axes)
+    field = interpolate_visible(x.double(), visible[None, None] > 0, sigma)[0, 0]
+    expected = field[[0, 5, 23]][:, [2, 11]][:, :, [7]]
+    torch.testing.assert_close(on_grid[0], expected, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="intensity_prior_sigma picks the interpolation prior"):
         get_config("tiny", intensity_prior_sigma=0.25)
 

@@ -27,14 +27,18 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def anchor_axes_voxels(config: ModelConfig) -> list[torch.Tensor]:
+    """Per axis (D, H, W), the voxel coordinates ``[g]`` of the anchor cells' centres: cell ``c`` of ``g`` over
+    ``N`` voxels is centred on voxel ``(c + 0.5) * N / g - 0.5``."""
+    return [(torch.arange(g, dtype=torch.float64) + 0.5) * n / g - 0.5
+            for n, g in zip(config.img_size, config.anchor_grid_shape)]
+
+
 def anchor_grid(config: ModelConfig) -> torch.Tensor:
-    """Anchor centres ``[k, 3]`` in normalised (D, H, W) coordinates: the centres of the ``g_D x g_H x g_W``
-    cells that tile the window, row-major. Cell ``c`` of ``g`` over ``N`` voxels is centred on voxel
-    ``(c + 0.5) * N / g - 0.5``, which for ``k = 512`` at 96^3 is exactly the centre of patch ``c``."""
-    axes = []
-    for n, g in zip(config.img_size, config.anchor_grid_shape):
-        voxel = (torch.arange(g, dtype=torch.float64) + 0.5) * n / g - 0.5
-        axes.append(voxel / (n - 1))
+    """Anchor centres ``[k, 3]`` in normalised (D, H, W) coordinates (voxel / (N - 1)): the centres of the
+    ``g_D x g_H x g_W`` cells that tile the window, row-major (:func:`anchor_axes_voxels`); for ``k = 512`` at
+    96^3 each is exactly the centre of a patch."""
+    axes = [voxel / (n - 1) for voxel, n in zip(anchor_axes_voxels(config), config.img_size)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [k, 3]
 
 

@@ -35,10 +35,28 @@ def interpolate_visible(x: torch.Tensor, visible: torch.Tensor, sigma_vox: float
     return torch.where(reached, numerator / denominator.clamp_min(1e-6), visible_mean.expand_as(x))
 
 
-def sample_at(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Trilinear values of ``volume [B, 1, D, H, W]`` at ``points [B or 1, n, 3]`` (normalised (d, h, w) in
-    [0, 1], voxel ``i`` centred at ``(i + 0.5) / N``; outside the volume the border value) -> ``[B, n]``."""
-    grid = (points.flip(-1) * 2 - 1).to(volume.dtype)  # grid_sample wants (x, y, z) = (w, h, d) in [-1, 1]
-    grid = grid.expand(volume.shape[0], -1, -1)[:, :, None, None, :]  # [B, n, 1, 1, 3]
-    values = F.grid_sample(volume, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return values[:, 0, :, 0, 0]  # [B, n]
+def interpolate_visible_on_grid(x: torch.Tensor, visible: torch.Tensor, sigma_vox: float,
+                                axes_vox: list[torch.Tensor], truncate: float = 4.0) -> torch.Tensor:
+    """:func:`interpolate_visible` evaluated only on the grid ``axes_vox`` (three 1D tensors of voxel
+    coordinates along D, H, W) -> ``[B, g_D, g_H, g_W]``: separable sums over the voxels within
+    ``truncate * sigma`` of each grid point, without blurring the whole volume."""
+    weight = visible.to(x.dtype)[:, 0]  # [B, D, H, W]
+    radius = int(truncate * sigma_vox + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    norm = torch.exp(-0.5 * (taps / sigma_vox) ** 2).sum()  # gaussian_blur's kernel sum: the same thresholds
+    kernels = []
+    for centres, n in zip(axes_vox, x.shape[2:]):
+        distance = centres.to(x.device, torch.float64)[:, None] - torch.arange(n, device=x.device, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (distance / sigma_vox) ** 2) * (distance.abs() <= radius) / norm.to(x.device)
+        kernels.append(kernel.to(x.dtype))  # [g, N]
+
+    def smooth(volume: torch.Tensor) -> torch.Tensor:  # [B, D, H, W] -> [B, g_D, g_H, g_W]
+        volume = torch.einsum("bdhw,kw->bdhk", volume, kernels[2])
+        volume = torch.einsum("bdhk,jh->bdjk", volume, kernels[1])
+        return torch.einsum("bdjk,id->bijk", volume, kernels[0])
+
+    numerator, denominator = smooth(x[:, 0] * weight), smooth(weight)
+    counts = weight.sum(dim=(1, 2, 3)).clamp_min(1)
+    visible_mean = (x[:, 0] * weight).sum(dim=(1, 2, 3)) / counts  # [B]
+    fallback = visible_mean[:, None, None, None].expand_as(numerator)
+    return torch.where(denominator > 1e-6, numerator / denominator.clamp_min(1e-6), fallback)

@@ -14,8 +14,8 @@ from torch import nn
 from ..gaussians import GaussianSet
 from ..render import render_volume
 from .configs import ModelConfig, get_config
-from .gaussian_decoder import GaussianDecoder, anchor_grid, anchor_patch_index
-from .interpolation import interpolate_visible, sample_at
+from .gaussian_decoder import GaussianDecoder, anchor_axes_voxels, anchor_grid, anchor_patch_index
+from .interpolation import interpolate_visible_on_grid
 from .precision import fp32_autocast_off
 from .residual_levels import build_residual_levels
 from .vit import ViTEncoder3D
@@ -169,8 +169,9 @@ class MedGMAE(MaskedAutoencoder3D):
         mask[:, :num_visible] = 0
         mask = torch.gather(mask, 1, ids_restore)  # [B, L] in patch order
         sigma_vox = self.config.intensity_prior_sigma * sum(self.config.patch_size) / 3
-        field = interpolate_visible(imgs.float(), self.mask_volume(mask) < 0.5, sigma_vox)  # [B, 1, D, H, W]
-        return sample_at(field, self.decoder.heads.anchors[None])  # [B, k]
+        levels = interpolate_visible_on_grid(imgs.float(), self.mask_volume(mask) < 0.5, sigma_vox,
+                                             anchor_axes_voxels(self.config))  # [B, g_D, g_H, g_W]
+        return levels.reshape(levels.shape[0], -1)  # [B, k], the anchors' row-major order
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor,
                         patch_means: torch.Tensor | None = None) -> list[GaussianSet]:
