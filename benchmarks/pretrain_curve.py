@@ -1,7 +1,8 @@
 """Held-out quality along one pre-training run: is it still improving, and is the checkpoint noise larger
 than the trend?
 
-    python benchmarks/pretrain_curve.py RUN_DIR/step_*.pt [--extra LABEL=CKPT ...] [--compare LABEL=GLOB ...] --out FILE.json
+    python benchmarks/pretrain_curve.py RUN_DIR/step_*.pt [--label NAME] [--extra LABEL=CKPT ...]
+        [--compare LABEL=GLOB ...] --out FILE.json
 
 For every checkpoint, the masked-region gain over the constant baseline (``train.evaluation.evaluate_masked``:
 the same fixed 75% masks as ``pretrain_quality.py``) on windows of the held-out chest CTA and on held-out
@@ -43,14 +44,14 @@ def evaluate(path: str, ct, phantoms) -> dict:
             "phantoms": {k: on_phantoms[k] for k in KEYS if k in on_phantoms}}
 
 
-def plot(path: Path, rows: list[dict], extra: list[dict], compare: dict[str, list[dict]]) -> None:
+def plot(path: Path, rows: list[dict], extra: list[dict], compare: dict[str, list[dict]], label: str) -> None:
     from matplotlib.figure import Figure  # lazy: matplotlib is heavy
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     steps = [r["step"] for r in rows]
     for key, colour, name in (("ct", "tab:red", "held-out chest CTA"), ("phantoms", "tab:blue", "held-out phantoms")):
-        ax.plot(steps, [r[key]["gain_db"] for r in rows], marker=".", color=colour, label=name)
+        ax.plot(steps, [r[key]["gain_db"] for r in rows], marker=".", color=colour, label=f"{label} ({name})")
         for label, other in compare.items():
             ax.plot([r["step"] for r in other], [r[key]["gain_db"] for r in other], marker="x", ls="--", color=colour,
                     label=f"{label} ({name})")
@@ -73,6 +74,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--extra", nargs="*", default=[], help="LABEL=CKPT, shown as stars")
+    ap.add_argument("--label", default="this run", help="legend name of the positional checkpoints' run")
     ap.add_argument("--compare", nargs="*", default=[], help="LABEL=GLOB: another run's checkpoints, drawn dashed")
     ap.add_argument("--ct", type=Path, default=DEFAULT_CT)
     ap.add_argument("--ct-windows", type=int, default=4)
@@ -101,9 +103,10 @@ def main() -> int:
         print(f"{r.get('label', r['step'])}: CT {r['ct']['gain_db']:+.2f} dB, phantoms {r['phantoms']['gain_db']:+.2f} dB")
     write_json(args.out, {"benchmark": "pretrain_curve", "machine": machine_info(), "threads": args.threads,
                           "held_out_ct": str(args.ct), "held_out": held_out, "ct_windows": args.ct_windows, "phantoms": args.phantoms,
-                          "rows": rows, "extra": extra, "compare": compare, "seconds": time.perf_counter() - t0,
+                          "label": args.label, "rows": rows, "extra": extra, "compare": compare,
+                          "seconds": time.perf_counter() - t0,
                           "load_before": load_before, "load_after": list(os.getloadavg())})
-    plot(args.out.with_suffix(".png"), rows, extra, compare)
+    plot(args.out.with_suffix(".png"), rows, extra, compare, args.label)
     return 0
 
 

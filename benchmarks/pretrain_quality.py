@@ -184,7 +184,8 @@ def main() -> int:
                     p: v["psnr"] for p, v in ev.evaluate_mask_policies(model, windows, MASK_POLICIES, seed=args.seed).items()}
             entry[name] = r
         result["models"][label] = entry
-        print(label, {n: {k: round(entry[n][k], 3) for k in ("psnr", "psnr_constant", "psnr_interpolation")} for n in sets}, flush=True)
+        shown = ("psnr", "psnr_constant", "psnr_interpolation")
+        print(label, {n: {k: round(entry[n][k], 3) for k in shown} for n in sets}, flush=True)
     if models["gaussian"].config.intensity_prior_radius > 0:
         prior = prior_only_model(models["gaussian"].config, args.seed)
         result["prior_only"] = {name: ev.evaluate_masked(prior, windows, seed=args.seed) for name, windows in sets.items()}

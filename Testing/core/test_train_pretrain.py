@@ -90,7 +90,8 @@ def test_a_runs_config_yaml_rebuilds_its_model_and_shipped_names_take_the_suffix
     text = text.replace("model_overrides:\n  intensity_prior_radius: 0.7\n  decoder_depth: 2\n", "")
     (tmp_path / "edited.yaml").write_text(text)
     edited = pretrain_settings.load_settings_yaml(tmp_path / "edited.yaml")
-    assert edited["model_overrides"]["decoder_depth"] == 3 and edited["model_overrides"]["intensity_prior_radius"] == 0.7
+    overrides = edited["model_overrides"]
+    assert overrides["decoder_depth"] == 3 and overrides["intensity_prior_radius"] == 0.7
     (tmp_path / "bad.yaml").write_text("data: phantom:1\nmodel_config: 3\n")
     with pytest.raises(ValueError, match="bad.yaml: model_config must be a mapping"):
         pretrain_settings.load_settings_yaml(tmp_path / "bad.yaml")

@@ -232,7 +232,8 @@ class ModelConfig:
             raise ValueError("intensity_prior_radius needs the Gaussian objectives with gaussian_layout='anchored' "
                              f"(got objective {self.objective!r}, layout {self.gaussian_layout!r})")
         if self.intensity_prior_sigma < 0:
-            raise ValueError(f"intensity_prior_sigma must be >= 0 (0: the patch-mean prior), got {self.intensity_prior_sigma}")
+            raise ValueError("intensity_prior_sigma must be >= 0 (0: the patch-mean prior), "
+                             f"got {self.intensity_prior_sigma}")
         if self.intensity_prior_sigma > 0 and self.intensity_prior_radius <= 0:
             raise ValueError("intensity_prior_sigma picks the interpolation prior; it needs the prior on "
                              "(intensity_prior_radius > 0)")
