@@ -24,7 +24,7 @@ from ..data.transforms import window_hu
 from ..data.volumes import read_volume
 from ..gaussians import GaussianSet
 from ..inference import extract_window, prepare_ct
-from ..model.interpolation import gaussian_blur, interpolate_visible  # noqa: F401  (re-exported)
+from ..model.interpolation import interpolate_visible
 
 HELDOUT_PHANTOM_SEED = 1000  # training uses phantom seeds 0..N-1; held-out phantoms start here
 BODY_THRESHOLD = 0.1  # windowed value ~ -132 HU: between air/lung and fat
