@@ -104,7 +104,7 @@ def main() -> int:
         code = run_stage(base, args.steps, args.objective, TRAINING_DATA, [], args.average_last)
         if code == 0 and args.real_steps > 0:
             code = run_stage(real, args.real_steps, args.objective, REAL_CT,
-                             ["--init-from", str(base / "last.pt"), "--lr", str(args.real_lr), "--warmup-steps", "100"],
+                             ["--init-from", str(base / "last.pt"), "--lr", str(args.real_lr)],
                              args.average_last)
         if code != 0:
             return code

@@ -333,3 +333,17 @@ def test_init_from_a_medgmae_checkpoint_starts_medgmae_star_with_fresh_levels(tm
     assert any(k.startswith("levels.") for k in child["model"])
     for key, value in base["model"].items():
         torch.testing.assert_close(child["model"][key], value, rtol=0, atol=1e-9, msg=key)
+
+
+def test_gaussian_preset_with_objective_voxel_builds_the_voxel_control(caplog):
+    import yaml
+
+    preset = yaml.safe_load(pretrain_settings.resolve_config_path("pretrain_tiny_cpu").read_text())
+    cfg = {**preset, "objective": "voxel", "img_size": [96, 96, 96]}
+    with caplog.at_level("WARNING"):
+        model_config = pretrain_settings.build_model_config(cfg)
+    assert model_config.objective == "voxel"
+    assert model_config.intensity_prior_radius == 0 and model_config.intensity_prior_sigma == 0
+    assert "intensity_prior_radius, intensity_prior_sigma" in caplog.text
+    gaussian = pretrain_settings.build_model_config({**cfg, "objective": "gaussian"})
+    assert gaussian.intensity_prior_sigma == 0.25  # the preset itself is unchanged

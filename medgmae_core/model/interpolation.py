@@ -15,8 +15,8 @@ def interpolate_visible(x: torch.Tensor, visible: torch.Tensor, sigma_vox: float
 
 def interpolate_visible_on_grid(x: torch.Tensor, visible: torch.Tensor, sigma_vox: float,
                                 axes_vox: list[torch.Tensor], truncate: float = 4.0) -> torch.Tensor:
-    """The normalised convolution of the visible voxels evaluated only on the grid ``axes_vox`` (three 1D tensors of voxel
-    coordinates along D, H, W) -> ``[B, g_D, g_H, g_W]``: separable sums over the voxels within
+    """The normalised convolution of the visible voxels evaluated only on the grid ``axes_vox`` (three 1D
+    tensors of voxel coordinates along D, H, W) -> ``[B, g_D, g_H, g_W]``: separable sums over the voxels within
     ``truncate * sigma`` of each grid point, without blurring the whole volume."""
     weight = visible.to(x.dtype)[:, 0]  # [B, D, H, W]
     radius = int(truncate * sigma_vox + 0.5)

@@ -8,6 +8,7 @@ resolved settings by these python names (``ckpt["train_config"]``), which is wha
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 import yaml
 
 from ..model import get_config
+
+logger = logging.getLogger(__name__)
 
 AMP_CHOICES = ("none", "auto", "bf16", "fp16")
 CACHE_CHOICES = ("auto", "none", "memory", "disk")
@@ -107,6 +110,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {f.name: (_default(f), f.metadata["help"]
 # Settings that define what a run computes: changing them on --resume breaks exact continuation.
 RUN_DEFINING = ("init_from", "data", "datalist_key", "spacing_mm", "crops_per_case", "pos", "neg", "phantom_shape", "seed",
                 "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "clip_grad", "amp")
+GAUSSIAN_PRIOR_KEYS = ("intensity_prior_radius", "intensity_prior_sigma")  # ModelConfig: Gaussian objectives only
 MODEL_KEYS = ("model", "objective", "img_size", "patch_size", "num_gaussians", "mask_ratio", "loss", "model_overrides")
 # Settings of one session, never inherited from the checkpoint on --resume.
 SESSION_KEYS = ("resume", "progress_json", "device", "num_workers", "out_dir", "cache", "cache_dir")
@@ -222,6 +226,10 @@ def build_model_config(cfg: dict[str, Any] | PretrainSettings):
     if isinstance(cfg, PretrainSettings):
         cfg = cfg.to_dict()
     overrides = dict(cfg.get("model_overrides") or {})
+    if cfg["objective"] == "voxel":  # a Gaussian preset run with --objective voxel: its matched voxel-MAE control
+        dropped = sorted(k for k in GAUSSIAN_PRIOR_KEYS if overrides.pop(k, None) is not None)
+        if dropped:
+            logger.warning("objective voxel: ignoring the Gaussian-only settings %s", ", ".join(dropped))
     overrides.update(img_size=tuple(cfg["img_size"]), objective=cfg["objective"], mask_ratio=float(cfg["mask_ratio"]),
                      loss=cfg["loss"])
     if cfg.get("patch_size"):
